@@ -1,0 +1,118 @@
+"""Evaluation metrics of the paper (GUIDE section 1): accuracy, Guard trade-off, OOD AUROC.
+
+No Flower here. Inputs are score matrices from :meth:`GlobalFilter.scores`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from .filter import OUTSIDER, GlobalFilter, Guard
+
+
+def _registered_mask(flt: GlobalFilter, labels: torch.Tensor) -> torch.Tensor:
+    return torch.isin(labels, flt.labels)
+
+
+def overall_accuracy(flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of test images of registered classes whose ``i*`` is their true class."""
+    mask = _registered_mask(flt, labels)
+    if not bool(mask.any()):
+        raise ValueError("no test image belongs to a registered class")
+    pred = flt.predict_labels(scores[mask])
+    return float((pred == labels[mask]).double().mean())
+
+
+def per_class_accuracy(
+    flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tensor
+) -> dict[int, float]:
+    """Accuracy of ``i*`` per registered true class."""
+    pred = flt.predict_labels(scores)
+    out: dict[int, float] = {}
+    for c in sorted({int(v) for v in flt.labels}):
+        m = labels == c
+        if bool(m.any()):
+            out[c] = float((pred[m] == c).double().mean())
+    return out
+
+
+def guarded_accuracy(
+    flt: GlobalFilter, guard: Guard, scores: torch.Tensor, labels: torch.Tensor
+) -> float:
+    """Fraction of registered-class images uploaded by a non-owner that are blocked with ``i*`` right.
+
+    The uploader is a third party who owns no registered class (:data:`OUTSIDER`).
+    """
+    mask = _registered_mask(flt, labels)
+    s, y = scores[mask], labels[mask]
+    blocked = guard.block(flt, s, OUTSIDER)
+    correct = flt.predict_labels(s) == y
+    return float((blocked & correct).double().mean())
+
+
+def acceptance_rate(flt: GlobalFilter, guard: Guard, harmless_scores: torch.Tensor) -> float:
+    """Fraction of harmless images (no registered class) that the Guard shares."""
+    blocked = guard.block(flt, harmless_scores, OUTSIDER)
+    return float((~blocked).double().mean())
+
+
+def auroc(negatives: NDArray[np.floating], positives: NDArray[np.floating]) -> float:
+    """Area under the ROC curve for "higher score means positive" (Mann-Whitney U, ties halved)."""
+    neg = np.asarray(negatives, dtype=np.float64)
+    pos = np.asarray(positives, dtype=np.float64)
+    if neg.size == 0 or pos.size == 0:
+        raise ValueError("AUROC needs at least one negative and one positive")
+    allv = np.concatenate([neg, pos])
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty_like(order, dtype=np.float64)
+    sorted_v = allv[order]
+    # average ranks for ties
+    _, first, counts = np.unique(sorted_v, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2.0
+    return float(u / (neg.size * pos.size))
+
+
+def ood_auroc(flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tensor, harmless: torch.Tensor) -> float:
+    """AUROC of the minimum reconstruction error: registered-class images vs harmless images."""
+    mask = _registered_mask(flt, labels)
+    _, d_in = flt.predict(scores[mask])
+    _, d_out = flt.predict(harmless)
+    return auroc(d_in.numpy(), d_out.numpy())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The headline metrics of one filter on one test set."""
+
+    overall_accuracy: float
+    per_class_accuracy: dict[int, float]
+    alpha: float
+    guarded_accuracy: float
+    acceptance_rate: float | None
+    ood_auroc: float | None
+
+
+def evaluate(
+    flt: GlobalFilter,
+    guard: Guard,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    harmless: torch.Tensor | None,
+) -> Evaluation:
+    """Score the test images (and harmless images, when given) once and compute every metric."""
+    scores = flt.scores(features)
+    h_scores = flt.scores(harmless) if harmless is not None else None
+    return Evaluation(
+        overall_accuracy=overall_accuracy(flt, scores, labels),
+        per_class_accuracy=per_class_accuracy(flt, scores, labels),
+        alpha=float(guard.alpha),
+        guarded_accuracy=guarded_accuracy(flt, guard, scores, labels),
+        acceptance_rate=None if h_scores is None else acceptance_rate(flt, guard, h_scores),
+        ood_auroc=None if h_scores is None else ood_auroc(flt, scores, labels, h_scores),
+    )

@@ -1,0 +1,262 @@
+"""The one-class autoencoder of the paper (eq. 2-6): module, training loop, reconstruction errors.
+
+No Flower here. A client calls :func:`train_autoencoder` on its own features and uploads the
+parameters plus the mean and standard deviation of :func:`reconstruction_errors`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Names of the four tensors of one autoencoder, in upload order.
+PARAM_NAMES: tuple[str, ...] = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
+
+
+@dataclass(frozen=True)
+class AutoencoderSpec:
+    """Architecture: ``D -> M -> D`` with ReLU encoder and sigmoid decoder (eq. 2-3).
+
+    Parameters
+    ----------
+    hidden : int
+        Size M of the representation layer (paper: 32; 132 for the larger face model).
+    init : str
+        ``"glorot"`` (Xavier-uniform weights, zero biases) or ``"torch"`` (PyTorch default).
+    """
+
+    hidden: int = 32
+    init: str = "glorot"
+
+    def shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        """Expected tensor shapes for input dimension ``dim``."""
+        m = self.hidden
+        return {
+            "encoder.weight": (m, dim),
+            "encoder.bias": (m,),
+            "decoder.weight": (dim, m),
+            "decoder.bias": (dim,),
+        }
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How a client trains its autoencoder (eq. 4-5).
+
+    ``optimizer``, ``scheduler`` and ``augment`` are Hydra configs (``_target_``) so that
+    any ``torch.optim`` optimiser or scheduler, or any augmentation callable, plugs in.
+    The loss is the paper's: binary cross-entropy summed over the D features, averaged
+    over the batch.
+    """
+
+    epochs: int = 100
+    batch_size: int = 128
+    optimizer: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "_target_": "torch.optim.Adadelta",
+            "_partial_": True,
+            "lr": 1.0,
+            "rho": 0.95,
+            "eps": 1e-7,
+        }
+    )
+    scheduler: Mapping[str, Any] | None = None
+    augment: Mapping[str, Any] | None = None
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+
+class Autoencoder(nn.Module):
+    """``x_hat = sigmoid(W' relu(W x + b) + b')`` (eq. 2-3)."""
+
+    def __init__(self, dim: int, spec: AutoencoderSpec) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(dim, spec.hidden)
+        self.decoder = nn.Linear(spec.hidden, dim)
+        if spec.init == "glorot":
+            for layer in (self.encoder, self.decoder):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        elif spec.init != "torch":
+            raise ValueError(f"unknown init {spec.init!r} (use 'glorot' or 'torch')")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid decoder output."""
+        out: torch.Tensor = self.decoder(F.relu(self.encoder(x)))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``x_hat`` in ``(0, 1)``."""
+        return torch.sigmoid(self.logits(x))
+
+
+def bce_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 summed over features, averaged over the batch (computed from logits, stably)."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+@dataclass(frozen=True)
+class RandomAffine:
+    """Per-image random rotation, translation and scaling of spatial features.
+
+    Applied to each training batch on the device, to the client's own images only.
+
+    Parameters
+    ----------
+    image_shape : tuple of int
+        ``(H, W)`` of the images the features are made from.
+    degrees : float
+        Maximum absolute rotation.
+    translate : float
+        Maximum absolute shift, in pixels.
+    scale : float
+        Maximum relative zoom (``0.1`` means 0.9 to 1.1).
+    """
+
+    image_shape: tuple[int, int] = (28, 28)
+    degrees: float = 10.0
+    translate: float = 2.0
+    scale: float = 0.1
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return augmented copies of ``x`` (shape ``(n, H*W)``), values kept in [0, 1]."""
+        n = x.shape[0]
+        h, w = self.image_shape
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            r = torch.rand(n, generator=generator, device=x.device if generator is None else "cpu")
+            return (lo + (hi - lo) * r).to(x.device)
+
+        angle = uniform(-self.degrees, self.degrees) * (math.pi / 180.0)
+        zoom = uniform(1.0 - self.scale, 1.0 + self.scale)
+        tx = uniform(-self.translate, self.translate) * (2.0 / w)
+        ty = uniform(-self.translate, self.translate) * (2.0 / h)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(
+            [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
+        ).to(x.dtype)
+        grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+        out = F.grid_sample(x.view(n, 1, h, w), grid, align_corners=False, padding_mode="zeros")
+        return out.reshape(n, h * w).clamp_(0.0, 1.0)
+
+
+@dataclass
+class TrainReport:
+    """What training measured: loss per epoch and wall time."""
+
+    losses: list[float]
+    seconds: float
+
+
+def _build_scheduler(
+    cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Instantiate a per-step scheduler, passing the step count where it asks for one."""
+    if cfg is None:
+        return None
+    factory = instantiate(dict(cfg), _partial_=True)
+    params = inspect.signature(factory.func).parameters
+    kwargs: dict[str, int] = {}
+    if "total_steps" in params and "total_steps" not in factory.keywords:
+        kwargs["total_steps"] = total_steps
+    if "T_max" in params and "T_max" not in factory.keywords:
+        kwargs["T_max"] = total_steps
+    sched: torch.optim.lr_scheduler.LRScheduler = factory(optimizer, **kwargs)
+    return sched
+
+
+def train_autoencoder(
+    x: torch.Tensor,
+    model_spec: AutoencoderSpec,
+    train_spec: TrainSpec,
+    seed: int,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[Autoencoder, TrainReport]:
+    """Train one one-class autoencoder on features ``x`` (shape ``(n, D)``, values in [0, 1]).
+
+    Deterministic for a given seed on a given device.
+
+    Returns
+    -------
+    tuple of Autoencoder and TrainReport
+        The trained model (in eval mode, on the CPU) and the per-epoch losses.
+    """
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"need a non-empty (n, D) feature matrix, got shape {tuple(x.shape)}")
+    if train_spec.num_threads > 0:
+        torch.set_num_threads(train_spec.num_threads)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Autoencoder(x.shape[1], model_spec).to(device)
+    optimizer = instantiate(dict(train_spec.optimizer), _partial_=True)(model.parameters())
+    steps_per_epoch = math.ceil(x.shape[0] / train_spec.batch_size)
+    scheduler = _build_scheduler(
+        train_spec.scheduler, optimizer, steps_per_epoch * train_spec.epochs
+    )
+    augment: Callable[..., torch.Tensor] | None = (
+        instantiate(dict(train_spec.augment)) if train_spec.augment is not None else None
+    )
+    data = x.to(device=device, dtype=torch.float32)
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(train_spec.epochs):
+        order = torch.randperm(data.shape[0], generator=gen).to(device)
+        total = 0.0
+        for i in range(0, data.shape[0], train_spec.batch_size):
+            batch = data[order[i : i + train_spec.batch_size]]
+            if augment is not None:
+                batch = augment(batch, generator=gen)
+            loss = bce_loss(model.logits(batch), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += float(loss.detach()) * batch.shape[0]
+        losses.append(total / data.shape[0])
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    model.eval()
+    return model.cpu(), TrainReport(losses=losses, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def reconstruction_errors(
+    model: Autoencoder, x: torch.Tensor, batch_size: int = 4096
+) -> torch.Tensor:
+    """Eq. 6: ``d(x, x_hat) = sum_l (x_l - x_hat_l)^2`` for every row of ``x``."""
+    device = next(model.parameters()).device
+    out = [
+        ((model(xb.to(device)) - xb.to(device)) ** 2).sum(dim=1).cpu()
+        for xb in torch.split(x, batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def error_stats(errors: torch.Tensor) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the training errors (the upload's mu, sigma)."""
+    return float(errors.mean()), float(errors.std(unbiased=False))
+
+
+def state_to_numpy(model: Autoencoder) -> dict[str, Any]:
+    """Parameters as float32 numpy arrays keyed by :data:`PARAM_NAMES`."""
+    state = model.state_dict()
+    return {name: state[name].detach().cpu().numpy().astype("float32") for name in PARAM_NAMES}
