@@ -48,8 +48,12 @@ class UploadRules:
 
 
 def record_bytes(content: RecordDict) -> int:
-    """Bytes of all arrays (parameters) carried by a message's content."""
-    return sum(rec.count_bytes() for rec in content.array_records.values())
+    """Parameter bytes (array elements x item size) of all ArrayRecords in a message's content."""
+    return sum(
+        int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+        for rec in content.array_records.values()
+        for arr in rec.values()
+    )
 
 
 def parse_upload(

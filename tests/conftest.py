@@ -1,0 +1,55 @@
+"""Shared fixtures: small synthetic autoencoders and a tiny MNIST-format data set."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from docl_flower.data import IdxDataset
+from docl_flower.filter import Registration
+from docl_flower.model import AutoencoderSpec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def random_registration(
+    rng: np.random.Generator, user: int, label: int, dim: int = 20, hidden: int = 4
+) -> Registration:
+    shapes = AutoencoderSpec(hidden=hidden).shapes(dim)
+    params = {k: rng.normal(0, 0.5, size=s).astype(np.float32) for k, s in shapes.items()}
+    return Registration(user, label, params, err_mean=1.0 + user, err_std=0.5, num_examples=10)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a gzip IDX file (uint8 data)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_tiny_root(root: Path, per_class: int = 60, test_per_class: int = 30,
+                   classes: tuple[int, ...] = tuple(range(10))) -> Path:
+    """A small MNIST/Fashion-MNIST copy (first images of each class of the real data)."""
+    for name in ("mnist", "fashion-mnist"):
+        src = IdxDataset(name, str(PROJECT_ROOT / "data" / name))
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        splits = {"test": test_per_class} if name == "fashion-mnist" else {
+            "train": per_class, "test": test_per_class}
+        for split, count in splits.items():
+            images, labels = src.load(split)  # type: ignore[arg-type]
+            keep = np.concatenate([np.flatnonzero(labels == c)[:count] for c in classes])
+            prefix = "train" if split == "train" else "t10k"
+            write_idx(out / f"{prefix}-images-idx3-ubyte.gz", images[keep])
+            write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", labels[keep])
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_root(tmp_path_factory.mktemp("tiny-data"))

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from docl_flower import keys, strategy
+from docl_flower.model import AutoencoderSpec
+from docl_flower.strategy import RegisterOnce, UploadError, UploadRules, parse_upload
+
+DIM, HIDDEN = 12, 3
+RULES = UploadRules(shapes=AutoencoderSpec(hidden=HIDDEN).shapes(DIM), max_error=float(DIM))
+ASSIGNMENT = {0: (0,), 1: (1,), 2: (2,), 3: (3,), 4: (4, 5)}
+
+
+def upload(user: int, classes=None, **changes) -> RecordDict:
+    """A valid upload of ``user``; ``changes`` corrupt one part of it."""
+    classes = list(ASSIGNMENT[user]) if classes is None else classes
+    rng = np.random.default_rng(user)
+    arrays = {}
+    for c in classes:
+        for name, shape in RULES.shapes.items():
+            value = rng.normal(size=shape).astype(np.float32)
+            value = changes.get("transform", lambda n, v: v)(name, value)
+            arrays[f"{c}/{name}"] = Array(value)
+    metrics = {
+        keys.USER_ID: changes.get("user_id", user),
+        keys.CLASSES: classes,
+        keys.ERR_MEAN: [changes.get("mu", 2.0)] * len(classes),
+        keys.ERR_STD: [changes.get("sigma", 0.5)] * len(classes),
+        keys.NUM_EXAMPLES: [100] * len(classes),
+        keys.TRAIN_SECONDS: 1.0,
+        keys.RECEIVED_ARRAYS: 0,
+    }
+    for k in changes.get("drop", ()):
+        metrics.pop(k)
+    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: MetricRecord(metrics)})
+
+
+def reply(content: RecordDict | None, node: int, error: str | None = None) -> Mock:
+    msg = Mock(spec=Message)
+    msg.metadata.src_node_id = node
+    msg.has_error.return_value = error is not None
+    if error is not None:
+        msg.error.code, msg.error.reason = 5, error
+    msg.content = content
+    return msg
+
+
+def test_valid_upload_parses_into_registrations():
+    user, regs = parse_upload(upload(4), ASSIGNMENT, RULES)
+    assert user == 4 and [r.label for r in regs] == [4, 5]
+    assert regs[0].params["encoder.weight"].shape == (HIDDEN, DIM)
+    assert (regs[0].err_mean, regs[0].err_std, regs[0].num_examples) == (2.0, 0.5, 100)
+
+
+BAD = {
+    "nan weights": upload(0, transform=lambda n, v: np.full_like(v, np.nan) if n == "decoder.bias" else v),
+    "inf weights": upload(0, transform=lambda n, v: v * np.inf),
+    "wrong shape": upload(0, transform=lambda n, v: v[:-1] if n == "encoder.bias" else v),
+    "wrong dtype": upload(0, transform=lambda n, v: v.astype(np.float64)),
+    "sigma zero": upload(0, sigma=0.0),
+    "sigma huge": upload(0, sigma=1e30),
+    "sigma nan": upload(0, sigma=float("nan")),
+    "mu negative": upload(0, mu=-1.0),
+    "unknown user": upload(0, user_id=99),
+    "not an int user": upload(0, user_id=1.5),
+    "someone else's classes": upload(0, classes=[1]),
+    "missing metric": upload(0, drop=[keys.ERR_STD]),
+    "no arrays": RecordDict({keys.METRICS_RECORD: upload(0)[keys.METRICS_RECORD]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_each_kind_of_bad_upload_is_rejected_with_a_reason(case):
+    with pytest.raises(UploadError) as err:
+        parse_upload(BAD[case], ASSIGNMENT, RULES)
+    assert str(err.value)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_upload_is_rejected_while_all_others_register(case):
+    # Prepare: user 0's upload is bad, users 1-4 are fine.
+    strat = RegisterOnce(ASSIGNMENT, RULES)
+    replies = [reply(BAD[case], 100)] + [reply(upload(u), 101 + u) for u in (1, 2, 3, 4)]
+    # Execute
+    arrays, metrics = strat.aggregate_train(1, replies)
+    # Assert
+    out = strat.outcome
+    assert arrays is None
+    assert sorted(out.registered) == [1, 2, 3, 4]
+    assert sorted(r.label for r in out.registrations) == [1, 2, 3, 4, 5]
+    assert list(out.failed) == [0] and out.failed[0]
+    assert metrics is not None and metrics["registered"] == 4
+
+
+def test_duplicate_registration_and_claims_on_other_ids_are_rejected():
+    strat = RegisterOnce(ASSIGNMENT, RULES)
+    strat.aggregate_train(1, [reply(upload(u), 10 + u) for u in ASSIGNMENT] + [reply(upload(1), 99)])
+    assert sorted(strat.outcome.registered) == [0, 1, 2, 3, 4]
+    assert "already registered" in strat.outcome.node_errors[99]
+    first = strat.outcome.registrations[1]
+    assert first.user_id == 1 and np.array_equal(
+        first.params["encoder.weight"], parse_upload(upload(1), ASSIGNMENT, RULES)[1][0].params["encoder.weight"]
+    )
+
+
+def test_failed_and_silent_clients_are_reported_not_fatal():
+    strat = RegisterOnce(ASSIGNMENT, RULES)
+    replies = [reply(upload(0), 10), reply(None, 11, error="node unavailable")]
+    strat.aggregate_train(1, replies)  # users 2, 3, 4 never answer
+    out = strat.outcome
+    assert list(out.registered) == [0]
+    assert sorted(out.failed) == [1, 2, 3, 4]
+    assert "node unavailable" in out.failed[1]
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_configure_train_sends_config_only_messages(monkeypatch):
+    sent = []
+
+    def fake_message(content, dst_node_id, message_type):
+        sent.append((content, dst_node_id, message_type))
+        return Mock(spec=Message)
+
+    monkeypatch.setattr(strategy, "Message", fake_message)
+    strat = RegisterOnce({0: (0,), 1: (1,)}, RULES, node_wait_s=0.0)
+    arrays = ArrayRecord({"w": Array(np.ones(4, np.float32))})  # must never be sent
+    msgs = list(strat.configure_train(1, arrays, ConfigRecord({keys.SPEC: "{}"}), FakeGrid([7, 8])))
+    assert len(msgs) == 2 and [d for _, d, _ in sent] == [7, 8]
+    for content, _, mtype in sent:
+        assert mtype == "train"
+        assert len(content.array_records) == 0
+        assert list(content.config_records) == [keys.CONFIG_RECORD]
+    assert strat._sent == {7: 0, 8: 0}
+
+
+def test_wait_for_nodes_returns_after_the_deadline():
+    assert strategy.wait_for_nodes(FakeGrid([1]), expected=3, deadline_s=0.0) == [1]
