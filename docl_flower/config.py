@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -109,6 +110,15 @@ class Experiment:
 
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Validate the composed config and map it to typed objects (raises ``ValueError``)."""
+    try:
+        return _build_experiment(cfg)
+    except InstantiationException as err:
+        raise ValueError(str(err)) from err
+    except TypeError as err:  # unknown or missing keys of a spec
+        raise ValueError(f"invalid config: {err}") from err
+
+
+def _build_experiment(cfg: DictConfig) -> Experiment:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     dataset_cfg = {k: v for k, v in container["dataset"].items() if k not in ("num_classes", "harmless")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -190,18 +191,35 @@ def run_app(
             format_config(federation_config),
         ]
         log.info("%s", " ".join(cmd))
-        try:
-            proc = subprocess.run(
-                cmd, env=flwr_env(flwr_home), timeout=timeout_s, check=False
-            )
-        except subprocess.TimeoutExpired as err:
-            raise FlowerRunError(f"flwr run did not finish in {timeout_s:.0f}s") from err
-        if proc.returncode != 0:
-            raise FlowerRunError(f"flwr run exited with code {proc.returncode}")
+        returncode, last_error = _stream(cmd, flwr_env(flwr_home), timeout_s)
+        if returncode != 0:
+            raise FlowerRunError(f"flwr run exited with code {returncode}: {last_error}")
         run_id, status = run_status(flwr_home, None)
         if status != "finished:completed":
             raise FlowerRunError(
-                f"Flower run {run_id} ended with status {status!r}; "
-                f"see the log above and {link.log_path}"
+                f"Flower run {run_id} ended with status {status!r}"
+                + (f": {last_error}" if last_error else "")
+                + f" (full log above; SuperLink log {link.log_path})"
             )
         return run_id
+
+
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)): (.*)$")
+
+
+def _stream(cmd: list[str], env: dict[str, str], timeout_s: float) -> tuple[int, str]:
+    """Run ``cmd``, echo its output, and return its exit code and the last exception line."""
+    last_error = ""
+    deadline = time.monotonic() + timeout_s
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if match := _ERROR_LINE.match(line.rstrip()):
+                last_error = f"{match.group(1)}: {match.group(3)}"
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise FlowerRunError(f"flwr run did not finish in {timeout_s:.0f}s")
+        return proc.wait(), last_error

@@ -1,0 +1,82 @@
+"""End-to-end `flwr run` simulations through the `docl-flower` console script (small data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import make_tiny_root
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "docl-flower")
+
+
+def run_cli(*overrides: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
+    return subprocess.run(
+        [CLI, *overrides], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+def small_run_args(root: Path, out: Path, users: int = 3) -> list[str]:
+    return [
+        f"num_users={users}",
+        "train.epochs=10",
+        "train.batch_size=16",
+        f"data_root={root}",
+        "dataset.verify=false",
+        "dataset.harmless.verify=false",
+        "strategy.node_wait_s=60",
+        f"hydra.run.dir={out}",
+    ]
+
+
+def test_three_user_simulation_writes_results_and_sends_no_parameters(tiny_root, tmp_path):
+    # Execute
+    proc = run_cli(*small_run_args(tiny_root, tmp_path / "run"))
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["registered"] == [0, 1, 2]
+    assert results["failed"] == {}
+    assert set(results["per_class_accuracy"]) == {"0", "1", "2"}
+    assert 0.5 < results["overall_accuracy"] <= 1.0
+    for key in ("alpha", "guarded_accuracy", "acceptance_rate", "ood_auroc", "wall_seconds"):
+        assert isinstance(results[key], float), key
+    # One upload per user: 4 float32 tensors of the paper's 784-32-784 autoencoder.
+    assert results["bytes_uploaded"] == {str(u): 4 * (2 * 784 * 32 + 32 + 784) for u in range(3)}
+    # No message sent to a client carried an ArrayRecord: counted by the server on what it
+    # sent and by each client on what it received.
+    assert results["bytes_downloaded"] == {"0": 0, "1": 0, "2": 0}
+    assert results["received_array_records"] == {"0": 0, "1": 0, "2": 0}
+    assert results["config"]["num_users"] == 3
+    assert all(s > 0 for s in results["train_seconds"].values())
+    assert "overall accuracy" in proc.stdout and "results:" in proc.stdout
+
+
+def test_a_failing_client_is_reported_while_the_others_register(tmp_path):
+    # Prepare: user 2's class has no training image, so its ClientApp raises.
+    root = make_tiny_root(tmp_path / "data", classes=(0, 1))
+    # Execute
+    proc = run_cli(*small_run_args(root, tmp_path / "run"))
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["registered"] == [0, 1]
+    assert list(results["failed"]) == ["2"]
+    assert "no valid reply" in results["failed"]["2"]
+
+
+def test_a_failed_flower_run_fails_the_command_with_the_reason(tmp_path):
+    proc = run_cli(
+        *small_run_args(tmp_path / "missing", tmp_path / "run", users=2),
+        "dataset.download=false",
+        "dataset.harmless.download=false",
+    )
+    assert proc.returncode != 0
+    assert "finished:failed" in proc.stderr and "missing" in proc.stderr
