@@ -22,10 +22,10 @@ app = ClientApp()
 
 
 def resolve_user(node_config: Mapping[str, object]) -> int:
-    """The user id this node speaks for: ``user-id`` if the operator set one, else ``partition-id``."""
+    """The user id of this node: ``user-id`` if the operator set one, else ``partition-id``."""
     for key in (keys.NODE_USER_ID, keys.NODE_PARTITION_ID):
         if key in node_config:
-            return int(node_config[key])  # type: ignore[call-overload]
+            return int(str(node_config[key]))
     raise ValueError("node config has neither 'user-id' nor 'partition-id'")
 
 
@@ -55,8 +55,16 @@ def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> Reco
         log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
         model, report = train_autoencoder(x, model_spec, train_spec, seed, device)
         mu, sd = error_stats(reconstruction_errors(model, x))
-        log.info("user %d class %d: loss %.2f -> %.2f, mu %.3f sigma %.3f, %.1fs",
-                 user, c, report.losses[0], report.losses[-1], mu, sd, report.seconds)
+        log.info(
+            "user %d class %d: loss %.2f -> %.2f, mu %.3f sigma %.3f, %.1fs",
+            user,
+            c,
+            report.losses[0],
+            report.losses[-1],
+            mu,
+            sd,
+            report.seconds,
+        )
         for name, value in state_to_numpy(model).items():
             arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
         means.append(mu)
@@ -74,9 +82,7 @@ def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> Reco
             keys.DEVICE_CUDA: int(device.type == "cuda"),
         }
     )
-    return RecordDict(
-        {keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics}
-    )
+    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
 
 
 @app.train()

@@ -7,9 +7,9 @@ client needs travels as JSON (:class:`ClientSpec`) inside the train message's Co
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,9 +40,9 @@ def _spec(node: Any) -> Any:
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     if not isinstance(data, dict):
         raise TypeError(f"expected a config mapping, got {type(data).__name__}")
-    data = dict(data)
-    cls = get_class(str(data.pop("_target_")))
-    return cls(**data)
+    kwargs = {str(k): v for k, v in data.items()}
+    cls = get_class(str(kwargs.pop("_target_")))
+    return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,9 @@ def build_experiment(cfg: DictConfig) -> Experiment:
 def _build_experiment(cfg: DictConfig) -> Experiment:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
-    dataset_cfg = {k: v for k, v in container["dataset"].items() if k not in ("num_classes", "harmless")}
+    dataset_cfg = {
+        k: v for k, v in container["dataset"].items() if k not in ("num_classes", "harmless")
+    }
     num_classes = int(container["dataset"]["num_classes"])
     harmless_cfg = container["dataset"].get("harmless")
     partition: Partition = _spec(container["partition"])

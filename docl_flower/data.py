@@ -136,7 +136,9 @@ class IdxDataset:
         images = _read_idx(self.path(images_file))
         labels = _read_idx(self.path(labels_file)).astype(np.int64)
         if images.shape[0] != labels.shape[0]:
-            raise DataError(f"{self.name}/{split}: {images.shape[0]} images, {labels.shape[0]} labels")
+            raise DataError(
+                f"{self.name}/{split}: {images.shape[0]} images, {labels.shape[0]} labels"
+            )
         return images, labels
 
 

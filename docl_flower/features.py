@@ -20,7 +20,11 @@ class Identity:
 
     def __call__(self, images: NDArray[np.uint8] | torch.Tensor) -> torch.Tensor:
         """Map ``(n, H, W)`` uint8 images to ``(n, H*W)`` float32 features."""
-        x = torch.from_numpy(np.array(images, copy=True)) if isinstance(images, np.ndarray) else images
+        x = (
+            torch.from_numpy(np.array(images, copy=True))
+            if isinstance(images, np.ndarray)
+            else images
+        )
         return x.reshape(x.shape[0], -1).to(torch.float32).div_(255.0)
 
     def dim(self, image_shape: tuple[int, ...]) -> int:

@@ -114,7 +114,10 @@ def local_superlink(flwr_home: Path, startup_s: float = 60.0) -> Iterator[LocalS
     ]
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, env=flwr_env(flwr_home), stdout=out, stderr=subprocess.STDOUT,
+            cmd,
+            env=flwr_env(flwr_home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     link = LocalSuperLink(proc, control, log_path)

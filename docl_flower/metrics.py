@@ -43,7 +43,7 @@ def per_class_accuracy(
 def guarded_accuracy(
     flt: GlobalFilter, guard: Guard, scores: torch.Tensor, labels: torch.Tensor
 ) -> float:
-    """Fraction of registered-class images uploaded by a non-owner that are blocked with ``i*`` right.
+    """Fraction of registered-class images, uploaded by a non-owner, blocked with the right ``i*``.
 
     The uploader is a third party who owns no registered class (:data:`OUTSIDER`).
     """
@@ -78,7 +78,9 @@ def auroc(negatives: NDArray[np.floating], positives: NDArray[np.floating]) -> f
     return float(u / (neg.size * pos.size))
 
 
-def ood_auroc(flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tensor, harmless: torch.Tensor) -> float:
+def ood_auroc(
+    flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tensor, harmless: torch.Tensor
+) -> float:
     """AUROC of the minimum reconstruction error: registered-class images vs harmless images."""
     mask = _registered_mask(flt, labels)
     _, d_in = flt.predict(scores[mask])

@@ -226,7 +226,7 @@ def train_autoencoder(
                 batch = augment(batch, generator=gen)
             loss = bce_loss(model.logits(batch), batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

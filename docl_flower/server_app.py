@@ -41,9 +41,7 @@ def evaluate_outcome(exp: Experiment, outcome: RegistrationOutcome) -> dict[str,
     """Compose the global filter from the registrations and compute the metrics."""
     if not outcome.registrations:
         raise RuntimeError(f"no autoencoder was registered; failures: {outcome.failed}")
-    flt = GlobalFilter(
-        sorted(outcome.registrations, key=lambda r: r.label), exp.scoring
-    )
+    flt = GlobalFilter(sorted(outcome.registrations, key=lambda r: r.label), exp.scoring)
     test_images, test_labels = exp.dataset.load("test")
     x_test = exp.features(test_images)
     harmless = None

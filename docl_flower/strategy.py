@@ -127,9 +127,7 @@ def parse_upload(
             )
         if not (n >= 1 and n == int(n)):
             raise UploadError(f"class {c}: num-examples {n} is not a positive integer")
-        registrations.append(
-            Registration(user, c, params, float(mu), float(sd), int(n))
-        )
+        registrations.append(Registration(user, c, params, float(mu), float(sd), int(n)))
     return user, registrations
 
 
@@ -160,7 +158,9 @@ class RegistrationOutcome:
 
 
 class RegisterOnce(Strategy):
-    """Register-once DOCL strategy (Shamsabadi, Haddadi, Cavallaro: *Distributed One-Class Learning*, ICIP 2018).
+    """Register-once strategy of DOCL.
+
+    After Shamsabadi, Haddadi and Cavallaro, *Distributed One-Class Learning*, Sec. 2.
 
     Each node receives one config-only TRAIN message (never an ArrayRecord: neither its own
     parameters nor anyone else's). Each user trains its one-class autoencoder(s) locally and
@@ -206,7 +206,11 @@ class RegisterOnce(Strategy):
     ) -> Iterable[Message]:
         """One config-only message per connected node; ``arrays`` is never sent."""
         nodes = wait_for_nodes(grid, len(self.assignment), self.node_wait_s)
-        log.info("configure_train: %d nodes connected, %d users expected", len(nodes), len(self.assignment))
+        log.info(
+            "configure_train: %d nodes connected, %d users expected",
+            len(nodes),
+            len(self.assignment),
+        )
         messages = []
         for node_id in nodes:
             content = RecordDict({keys.CONFIG_RECORD: config})
@@ -235,7 +239,11 @@ class RegisterOnce(Strategy):
             except UploadError as err:
                 claimed = _claimed_user(msg)
                 reason = str(err)
-                if claimed is not None and claimed in self.assignment and claimed not in out.registered:
+                if (
+                    claimed is not None
+                    and claimed in self.assignment
+                    and claimed not in out.registered
+                ):
                     rejected[claimed] = reason
                 else:
                     out.node_errors[node] = f"rejected upload: {reason}"
@@ -257,10 +265,10 @@ class RegisterOnce(Strategy):
                 out.failed[user] = f"rejected: {rejected[user]}"
             else:
                 detail = "; ".join(f"node {n}: {r}" for n, r in sorted(out.node_errors.items()))
-                out.failed[user] = "no valid reply" + (f" (node errors: {detail})" if detail else "")
-        return None, MetricRecord(
-            {"registered": len(out.registered), "failed": len(out.failed)}
-        )
+                out.failed[user] = "no valid reply" + (
+                    f" (node errors: {detail})" if detail else ""
+                )
+        return None, MetricRecord({"registered": len(out.registered), "failed": len(out.failed)})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -25,22 +25,27 @@ def random_registration(
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a gzip IDX file (uint8 data)."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as handle:
         handle.write(header + array.astype(np.uint8).tobytes())
 
 
-def make_tiny_root(root: Path, per_class: int = 60, test_per_class: int = 30,
-                   classes: tuple[int, ...] = tuple(range(10))) -> Path:
+def make_tiny_root(
+    root: Path,
+    per_class: int = 60,
+    test_per_class: int = 30,
+    classes: tuple[int, ...] = tuple(range(10)),
+) -> Path:
     """A small MNIST/Fashion-MNIST copy (first images of each class of the real data)."""
     for name in ("mnist", "fashion-mnist"):
         src = IdxDataset(name, str(PROJECT_ROOT / "data" / name))
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
-        splits = {"test": test_per_class} if name == "fashion-mnist" else {
-            "train": per_class, "test": test_per_class}
+        splits = (
+            {"test": test_per_class}
+            if name == "fashion-mnist"
+            else {"train": per_class, "test": test_per_class}
+        )
         for split, count in splits.items():
             images, labels = src.load(split)  # type: ignore[arg-type]
             keep = np.concatenate([np.flatnonzero(labels == c)[:count] for c in classes])

@@ -13,7 +13,12 @@ from docl_flower.strategy import UploadRules, parse_upload
 def _spec(root, epochs=2) -> ClientSpec:
     return ClientSpec(
         seed=11,
-        dataset={"_target_": "docl_flower.data.IdxDataset", "name": "mnist", "root": str(root / "mnist"), "verify": False},
+        dataset={
+            "_target_": "docl_flower.data.IdxDataset",
+            "name": "mnist",
+            "root": str(root / "mnist"),
+            "verify": False,
+        },
         features={"_target_": "docl_flower.features.Identity"},
         model={"_target_": "docl_flower.model.AutoencoderSpec", "hidden": 8},
         train={"_target_": "docl_flower.model.TrainSpec", "epochs": epochs, "batch_size": 16},
@@ -46,6 +51,8 @@ def test_node_config_user_id_and_data_dir_take_precedence(tiny_root, tmp_path):
     spec = _spec(tmp_path / "nowhere", epochs=1)  # the server's path does not exist here
     spec = ClientSpec(**{**spec.__dict__, "assignment": {0: [3], 1: [4]}})
     content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
-    reply = handle_train(content, {"partition-id": 0, "user-id": 1, "data-dir": str(tiny_root / "mnist")})
+    reply = handle_train(
+        content, {"partition-id": 0, "user-id": 1, "data-dir": str(tiny_root / "mnist")}
+    )
     assert reply.metric_records[keys.METRICS_RECORD][keys.USER_ID] == 1
     assert reply.metric_records[keys.METRICS_RECORD][keys.CLASSES] == [4]

@@ -29,7 +29,11 @@ def test_missing_file_without_download_says_what_is_missing(tmp_path):
 
 def test_default_partition_is_user_i_owns_class_i():
     assert Partition().assignment(10) == {u: (u,) for u in range(10)}
-    assert Partition(num_users=3, classes_per_user=2).assignment(10) == {0: (0, 1), 1: (2, 3), 2: (4, 5)}
+    assert Partition(num_users=3, classes_per_user=2).assignment(10) == {
+        0: (0, 1),
+        1: (2, 3),
+        2: (4, 5),
+    }
     assert Partition(num_users=2, user_classes=[[7], [1, 9]]).assignment(10) == {0: (7,), 1: (1, 9)}
 
 

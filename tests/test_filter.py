@@ -33,7 +33,9 @@ def test_batched_scores_equal_a_naive_loop(chunks):
 def test_filter_rejects_mixed_shapes_and_bad_inputs():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="differ"):
-        GlobalFilter([random_registration(rng, 0, 0, dim=20), random_registration(rng, 1, 1, dim=21)])
+        GlobalFilter(
+            [random_registration(rng, 0, 0, dim=20), random_registration(rng, 1, 1, dim=21)]
+        )
     with pytest.raises(ValueError, match="at least one"):
         GlobalFilter([])
     flt = GlobalFilter([random_registration(rng, 0, 0)])
@@ -59,7 +61,12 @@ def test_argmin_guard_cases():
     assert outsider.tolist() == [True, True, False, True]
     # The owner of the best autoencoder may always share its own image.
     assert guard.block(flt, scores, 0).tolist() == [False, False, False, True]
-    assert guard.block(flt, scores, torch.tensor([1, 1, 1, 1])).tolist() == [True, True, False, False]
+    assert guard.block(flt, scores, torch.tensor([1, 1, 1, 1])).tolist() == [
+        True,
+        True,
+        False,
+        False,
+    ]
     # Below the interval is also outside.
     assert guard.block(flt, torch.tensor([[8.4, 30.0]]), -1).tolist() == [False]
 

@@ -16,7 +16,9 @@ from .conftest import random_registration
 
 def _flt() -> GlobalFilter:
     rng = np.random.default_rng(0)
-    regs = [Registration(u, u, random_registration(rng, u, u).params, 10.0, 1.0, 5) for u in range(3)]
+    regs = [
+        Registration(u, u, random_registration(rng, u, u).params, 10.0, 1.0, 5) for u in range(3)
+    ]
     return GlobalFilter(regs)
 
 

@@ -70,7 +70,11 @@ def test_scheduler_and_augmentation_configs_instantiate():
         epochs=2,
         batch_size=50,
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
-        scheduler={"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "max_lr": 1e-2},
+        scheduler={
+            "_target_": "torch.optim.lr_scheduler.OneCycleLR",
+            "_partial_": True,
+            "max_lr": 1e-2,
+        },
         augment={"_target_": "docl_flower.model.RandomAffine", "image_shape": [8, 8]},
     )
     _, report = train_autoencoder(torch.rand(100, 64), AutoencoderSpec(hidden=4), spec, seed=0)

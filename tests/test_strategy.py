@@ -36,7 +36,9 @@ def upload(user: int, classes=None, **changes) -> RecordDict:
     }
     for k in changes.get("drop", ()):
         metrics.pop(k)
-    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: MetricRecord(metrics)})
+    return RecordDict(
+        {keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: MetricRecord(metrics)}
+    )
 
 
 def reply(content: RecordDict | None, node: int, error: str | None = None) -> Mock:
@@ -57,7 +59,9 @@ def test_valid_upload_parses_into_registrations():
 
 
 BAD = {
-    "nan weights": upload(0, transform=lambda n, v: np.full_like(v, np.nan) if n == "decoder.bias" else v),
+    "nan weights": upload(
+        0, transform=lambda n, v: np.full_like(v, np.nan) if n == "decoder.bias" else v
+    ),
     "inf weights": upload(0, transform=lambda n, v: v * np.inf),
     "wrong shape": upload(0, transform=lambda n, v: v[:-1] if n == "encoder.bias" else v),
     "wrong dtype": upload(0, transform=lambda n, v: v.astype(np.float64)),
@@ -98,12 +102,15 @@ def test_a_bad_upload_is_rejected_while_all_others_register(case):
 
 def test_duplicate_registration_and_claims_on_other_ids_are_rejected():
     strat = RegisterOnce(ASSIGNMENT, RULES)
-    strat.aggregate_train(1, [reply(upload(u), 10 + u) for u in ASSIGNMENT] + [reply(upload(1), 99)])
+    strat.aggregate_train(
+        1, [reply(upload(u), 10 + u) for u in ASSIGNMENT] + [reply(upload(1), 99)]
+    )
     assert sorted(strat.outcome.registered) == [0, 1, 2, 3, 4]
     assert "already registered" in strat.outcome.node_errors[99]
     first = strat.outcome.registrations[1]
     assert first.user_id == 1 and np.array_equal(
-        first.params["encoder.weight"], parse_upload(upload(1), ASSIGNMENT, RULES)[1][0].params["encoder.weight"]
+        first.params["encoder.weight"],
+        parse_upload(upload(1), ASSIGNMENT, RULES)[1][0].params["encoder.weight"],
     )
 
 

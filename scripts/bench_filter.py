@@ -1,0 +1,141 @@
+"""Benchmark the global filter's scoring throughput against this machine's float32 GEMM rate.
+
+Prints a table and writes JSON. Each autoencoder costs ``4 * D * M`` flops per image (two
+matrix products); the fraction is (filter flop rate) / (GEMM flop rate), both measured here
+in the same run with the same number of threads.
+
+    python scripts/bench_filter.py [--out results/bench_filter.json] [--sizes 10 100 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from docl_flower.filter import GlobalFilter, Registration, ScoringConfig
+from docl_flower.model import AutoencoderSpec
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def best_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a = torch.rand(size, size)
+    b = torch.rand(size, size)
+    seconds = best_time(lambda: torch.mm(a, b), repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def make_filter(n_models: int, dim: int, hidden: int, scoring: ScoringConfig) -> GlobalFilter:
+    rng = np.random.default_rng(0)
+    shapes = AutoencoderSpec(hidden=hidden).shapes(dim)
+    regs = [
+        Registration(
+            i,
+            i,
+            {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in shapes.items()},
+            10.0,
+            1.0,
+            100,
+        )
+        for i in range(n_models)
+    ]
+    return GlobalFilter(regs, scoring)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=784)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--chunk-images", type=int, default=ScoringConfig.chunk_images)
+    parser.add_argument("--chunk-models", type=int, default=ScoringConfig.chunk_models)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results/bench_filter.json"))
+    args = parser.parse_args()
+
+    scoring = ScoringConfig(args.chunk_images, args.chunk_models)
+    info = machine()
+    gemm = gemm_gflops()
+    x = torch.rand(args.images, args.dim)
+    rows = []
+    for n in args.sizes:
+        flt = make_filter(n, args.dim, args.hidden, scoring)
+        images = x if n <= 100 else x[: max(512, args.images * 100 // n)]
+        seconds = best_time(lambda f=flt, xs=images: f.scores(xs), args.repeats)
+        ips = images.shape[0] / seconds
+        gflops = ips * 4 * args.dim * args.hidden * n / 1e9
+        rows.append(
+            {
+                "autoencoders": n,
+                "images": int(images.shape[0]),
+                "seconds": seconds,
+                "images_per_second": ips,
+                "gflops": gflops,
+                "fraction_of_gemm": gflops / gemm,
+            }
+        )
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+        f"GPU: {info['gpu'] or 'none'}"
+    )
+    print(f"float32 GEMM (2048^3, torch.mm): {gemm:.1f} GFLOP/s")
+    print(
+        f"chunks: {scoring.chunk_images} images x {scoring.chunk_models} autoencoders, "
+        f"D={args.dim}, M={args.hidden}"
+    )
+    print(f"{'autoencoders':>12} {'images':>7} {'images/s':>12} {'GFLOP/s':>9} {'of GEMM':>8}")
+    for r in rows:
+        print(
+            f"{r['autoencoders']:>12} {r['images']:>7} {r['images_per_second']:>12.0f} "
+            f"{r['gflops']:>9.1f} {r['fraction_of_gemm']:>8.2f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "machine": info,
+        "gemm_gflops": gemm,
+        "scoring": vars(scoring),
+        "dim": args.dim,
+        "hidden": args.hidden,
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
