@@ -18,7 +18,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .data import IdxDataset, Partition
-from .features import Identity
+from .features import FeatureExtractor
 from .filter import Guard, ScoringConfig
 from .model import AutoencoderSpec, TrainSpec
 
@@ -84,7 +84,7 @@ class ClientSpec:
             cfg["root"] = root
         return _spec(cfg)  # type: ignore[no-any-return]
 
-    def features_obj(self) -> Identity:
+    def features_obj(self) -> FeatureExtractor:
         """The feature extractor."""
         return instantiate(self.features)  # type: ignore[no-any-return]
 
@@ -97,7 +97,7 @@ class Experiment:
     num_classes: int
     dataset: IdxDataset
     harmless: IdxDataset | None
-    features: Identity
+    features: FeatureExtractor
     partition: Partition
     model: AutoencoderSpec
     train: TrainSpec
