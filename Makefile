@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench report clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check docl_flower tests scripts
 	$(BIN)/ruff format --check docl_flower tests scripts
 	$(BIN)/mypy
+
+report: $(STAMP)
+	$(BIN)/python scripts/report.py $(RESULTS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_filter.py

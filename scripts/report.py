@@ -13,11 +13,20 @@ from pathlib import Path
 PAPER = {"overall_accuracy": "0.97", "0": "> 0.99", "9": "about 0.95"}
 
 
+def newest_results(root: Path = Path("outputs")) -> Path:
+    runs = sorted(root.glob("*/*/results.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise SystemExit("no outputs/*/*/results.json yet: run `make run` first")
+    return runs[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="?")
     args = parser.parse_args()
-    r = json.loads(args.results.read_text())
+    path = args.results or newest_results()
+    print(f"<!-- {path} -->")
+    r = json.loads(path.read_text())
     cfg = r["config"]
     print(
         f"| metric | docl-flower | paper |\n|---|---|---|\n"
