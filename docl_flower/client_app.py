@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from . import keys
 from .config import ClientSpec, derive_seed
 from .data import class_indices
+from .logs import setup_logging
 from .model import error_stats, reconstruction_errors, state_to_numpy, train_autoencoder
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> Reco
         idx = class_indices(labels, c, spec.fraction.get(user, 1.0), seed)
         x = features(images[idx])
         log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
-        model, report = train_autoencoder(x, model_spec, train_spec, seed, device)
+        model, report = train_autoencoder(
+            x, model_spec, train_spec, seed, device, on_epoch=_progress(user, c, train_spec.epochs)
+        )
         mu, sd = error_stats(reconstruction_errors(model, x))
         log.info(
             "user %d class %d: loss %.2f -> %.2f, mu %.3f sigma %.3f, %.1fs",
@@ -85,7 +88,18 @@ def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> Reco
     return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
 
 
+def _progress(user: int, cls: int, epochs: int) -> Callable[[int, float], None]:
+    step = max(1, epochs // 4)
+
+    def report(epoch: int, loss: float) -> None:
+        if (epoch + 1) % step == 0 or epoch + 1 == epochs:
+            log.info("user %d class %d: epoch %d/%d, loss %.3f", user, cls, epoch + 1, epochs, loss)
+
+    return report
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this user's images only and reply once with the upload."""
+    setup_logging()
     return Message(handle_train(msg.content, context.node_config), reply_to=msg)

@@ -42,10 +42,24 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_resources(num_gpus: float, cuda_available: bool | None = None) -> None:
+    """Refuse GPU client resources on a machine without CUDA (Ray would fail obscurely)."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if num_gpus > 0 and not cuda_available:
+        raise ValueError(
+            f"simulation.num_gpus={num_gpus} but this machine has no CUDA device; "
+            "use simulation=cpu (Ray cannot place GPU clients here)"
+        )
+
+
 def run_experiment(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Validate ``cfg``, run DOCL through ``flwr run``, and return the results."""
     start = time.time()
     exp = build_experiment(cfg)  # fail fast on a bad config, before Flower starts
+    check_resources(exp.simulation.num_gpus)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "experiment.yaml"
     OmegaConf.save(cfg, config_path, resolve=True)

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from . import keys
 from .config import Experiment, build_experiment
 from .filter import GlobalFilter
+from .logs import setup_logging
 from .metrics import evaluate
 from .strategy import RegisterOnce, RegistrationOutcome, UploadRules
 
@@ -67,6 +68,7 @@ def evaluate_outcome(exp: Experiment, outcome: RegistrationOutcome) -> dict[str,
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Register every user's autoencoder once, then evaluate the global filter on the server."""
+    setup_logging()
     started = time.time()
     config_path = str(context.run_config[keys.RUN_CONFIG_PATH])
     out_dir = Path(str(context.run_config[keys.RUN_OUT_DIR]))

@@ -44,3 +44,12 @@ def test_invalid_configs_fail_before_any_run():
         build_experiment(_compose(["guard.alpha=0"]))
     with pytest.raises(ValueError):
         build_experiment(_compose(["train.epochs=0"]))
+
+
+def test_gpu_clients_on_a_machine_without_cuda_fail_with_a_clear_error():
+    from docl_flower.main import check_resources
+
+    check_resources(0.0, cuda_available=False)
+    check_resources(0.5, cuda_available=True)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        check_resources(0.25, cuda_available=False)

@@ -80,3 +80,16 @@ def test_a_failed_flower_run_fails_the_command_with_the_reason(tmp_path):
     )
     assert proc.returncode != 0
     assert "finished:failed" in proc.stderr and "missing" in proc.stderr
+
+
+def test_hydra_multirun_sweeps_run_one_flower_run_per_job(tiny_root, tmp_path):
+    args = [a for a in small_run_args(tiny_root, tmp_path / "unused", users=1) if "hydra" not in a]
+    proc = run_cli(
+        "-m", *args, "guard.alpha=1.0,2.0", f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    alphas = [
+        json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())["alpha"]
+        for i in (0, 1)
+    ]
+    assert alphas == [1.0, 2.0]
