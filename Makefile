@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint bench report clean
+.PHONY: run test lint bench report recipes clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ lint: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/python scripts/report.py $(RESULTS)
+
+# The four-way comparison of features x training recipe shown in the README.
+recipes: $(STAMP)
+	rm -rf multirun/recipes
+	$(BIN)/docl-flower -m features=identity,deskew train=paper,default hydra.sweep.dir=multirun/recipes
+	$(BIN)/python scripts/sweep_table.py multirun/recipes
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_filter.py
