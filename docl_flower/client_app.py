@@ -51,7 +51,10 @@ def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> Reco
     start = time.perf_counter()
     for c in classes:
         seed = derive_seed(spec.seed, user, c)
-        idx = class_indices(labels, c, spec.fraction.get(user, 1.0), seed)
+        idx = np.concatenate(
+            [class_indices(labels, c, spec.fraction.get(user, 1.0), seed)]
+            + [class_indices(labels, v) for v in spec.extra_classes.get(user, [])]
+        )
         x = features(images[idx])
         log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
         model, report = train_autoencoder(

@@ -56,6 +56,7 @@ class ClientSpec:
     train: dict[str, Any]
     assignment: dict[int, list[int]]
     fraction: dict[int, float] = field(default_factory=dict)
+    extra_classes: dict[int, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Serialise (integer keys become strings)."""
@@ -67,6 +68,9 @@ class ClientSpec:
         raw = json.loads(text)
         raw["assignment"] = {int(k): [int(c) for c in v] for k, v in raw["assignment"].items()}
         raw["fraction"] = {int(k): float(v) for k, v in raw.get("fraction", {}).items()}
+        raw["extra_classes"] = {
+            int(k): [int(c) for c in v] for k, v in raw.get("extra_classes", {}).items()
+        }
         return cls(**raw)
 
     def model_spec(self) -> AutoencoderSpec:
@@ -139,6 +143,7 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
         train=train_cfg,
         assignment={u: list(cs) for u, cs in assignment.items()},
         fraction={int(k): float(v) for k, v in partition.fraction.items()},
+        extra_classes={int(k): [int(c) for c in v] for k, v in partition.extra_classes.items()},
     )
     return Experiment(
         seed=seed,

@@ -150,12 +150,18 @@ class Partition:
     gives user ``i`` the classes ``i*k ... i*k + k - 1``; ``user_classes`` lists them
     explicitly instead. The natural class imbalance is kept; ``fraction`` maps a user id
     to the fraction of its images it keeps (to study stronger imbalance).
+
+    For the adversary experiments, ``extra_classes`` maps a user id to classes whose training
+    images that user also trains on (an adversary with access to a victim's images), and
+    ``shared_classes`` lets several users claim the same class.
     """
 
     num_users: int = 10
     classes_per_user: int = 1
     user_classes: Sequence[Sequence[int]] | None = None
     fraction: Mapping[int, float] = field(default_factory=dict)
+    extra_classes: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    shared_classes: bool = False
 
     def assignment(self, num_classes: int) -> dict[int, tuple[int, ...]]:
         """Map each user id to the tuple of classes it owns; validate the layout."""
@@ -183,9 +189,12 @@ class Partition:
             for c in classes:
                 if not 0 <= c < num_classes:
                     raise ValueError(f"user {user}: class {c} is not in 0..{num_classes - 1}")
-                if c in seen:
+                if c in seen and not self.shared_classes:
                     raise ValueError(f"class {c} is owned by more than one user")
                 seen.add(c)
+        for user, extra in self.extra_classes.items():
+            if int(user) not in table or any(not 0 <= int(c) < num_classes for c in extra):
+                raise ValueError(f"extra_classes: user {user} -> {list(extra)}")
         for user, frac in self.fraction.items():
             if int(user) not in table or not 0.0 < float(frac) <= 1.0:
                 raise ValueError(f"fraction: user {user} -> {frac} (need a known user, 0 < f <= 1)")

@@ -21,6 +21,7 @@ from .config import Experiment, build_experiment
 from .filter import GlobalFilter
 from .logs import setup_logging
 from .metrics import evaluate
+from .store import save_filter
 from .strategy import RegisterOnce, RegistrationOutcome, UploadRules
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,18 @@ def main(grid: Grid, context: Context) -> None:
         train_config=train_config,
     )
     outcome = strategy.outcome
+    filter_dir = out_dir / "filter"
+    if outcome.registrations:
+        regs = sorted(outcome.registrations, key=lambda r: (r.label, r.user_id))
+        extra = {
+            k: {
+                "node_id": outcome.nodes.get(r.user_id),
+                "registered_at": outcome.registered_at.get(r.user_id),
+                "trained_on": sorted({r.label, *exp.client_spec.extra_classes.get(r.user_id, [])}),
+            }
+            for k, r in enumerate(regs)
+        }
+        save_filter(filter_dir, regs, extra, info={"config": OmegaConf.to_container(cfg)})
     metrics = evaluate_outcome(exp, outcome)
     results: dict[str, Any] = {
         "method": "docl",
@@ -104,6 +117,7 @@ def main(grid: Grid, context: Context) -> None:
         },
         "train_seconds": {str(u): s for u, s in sorted(outcome.train_seconds.items())},
         "trained_on_cuda": {str(u): c for u, c in sorted(outcome.cuda.items())},
+        "filter_path": str(filter_dir),
         "wall_seconds": time.time() - started,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -155,6 +155,8 @@ class RegistrationOutcome:
     train_seconds: dict[int, float] = field(default_factory=dict)
     received_array_records: dict[int, int] = field(default_factory=dict)
     cuda: dict[int, bool] = field(default_factory=dict)
+    nodes: dict[int, int] = field(default_factory=dict)
+    registered_at: dict[int, float] = field(default_factory=dict)
 
 
 class RegisterOnce(Strategy):
@@ -257,6 +259,8 @@ class RegisterOnce(Strategy):
             out.train_seconds[user] = float(metrics.get(keys.TRAIN_SECONDS, math.nan))  # type: ignore[arg-type]
             out.received_array_records[user] = int(metrics.get(keys.RECEIVED_ARRAYS, -1))  # type: ignore[arg-type]
             out.cuda[user] = bool(metrics.get(keys.DEVICE_CUDA, 0))
+            out.nodes[user] = node
+            out.registered_at[user] = time.time()
             log.info("registered user %d (%d/%d)", user, len(out.registered), len(self.assignment))
         for user in self.assignment:
             if user in out.registered:

@@ -56,3 +56,12 @@ def test_node_config_user_id_and_data_dir_take_precedence(tiny_root, tmp_path):
     )
     assert reply.metric_records[keys.METRICS_RECORD][keys.USER_ID] == 1
     assert reply.metric_records[keys.METRICS_RECORD][keys.CLASSES] == [4]
+
+
+def test_an_adversary_trains_on_its_own_and_the_victims_images(tiny_root):
+    spec = ClientSpec(**{**_spec(tiny_root, epochs=1).__dict__, "extra_classes": {0: [5]}})
+    content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
+    reply = handle_train(content, {"partition-id": 0})
+    metrics = reply.metric_records[keys.METRICS_RECORD]
+    assert metrics[keys.CLASSES] == [3]  # it registers as its own class ...
+    assert metrics[keys.NUM_EXAMPLES] == [120]  # ... trained on 60 own + 60 victim images

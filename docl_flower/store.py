@@ -1,0 +1,107 @@
+"""Save and load a global filter: tensors in safetensors, metadata in JSON (no Flower).
+
+Layout of ``PATH`` (a folder):
+
+- ``autoencoders.safetensors``: for registration ``k``, the tensors ``"{k}/encoder.weight"``,
+  ``"{k}/encoder.bias"``, ``"{k}/decoder.weight"``, ``"{k}/decoder.bias"`` (float32).
+- ``filter.json``: ``{"format": 1, "entries": [{"key", "user_id", "label", "err_mean",
+  "err_std", "num_examples", "sha256", ...}], ...}``; ``sha256`` is the content hash of the
+  four tensors (their raw bytes in :data:`PARAM_NAMES` order) and is checked on load.
+
+Both files are written to temporary names and renamed, so a reader never sees half a filter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from safetensors.numpy import load_file, save_file
+
+from .filter import Registration
+from .model import PARAM_NAMES
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "autoencoders.safetensors"
+META_FILE = "filter.json"
+
+
+def content_hash(params: Mapping[str, NDArray[np.float32]]) -> str:
+    """SHA-256 of one autoencoder's tensors (raw float32 bytes, in :data:`PARAM_NAMES` order)."""
+    digest = hashlib.sha256()
+    for name in PARAM_NAMES:
+        digest.update(np.ascontiguousarray(params[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _atomic(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_filter(
+    folder: Path,
+    registrations: Sequence[Registration],
+    extra: Mapping[int, Mapping[str, Any]] | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> None:
+    """Write every registration (and optional per-entry ``extra`` metadata) to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, NDArray[np.float32]] = {}
+    entries = []
+    for k, reg in enumerate(registrations):
+        for name in PARAM_NAMES:
+            tensors[f"{k}/{name}"] = np.ascontiguousarray(reg.params[name], dtype=np.float32)
+        entries.append(
+            {
+                "key": k,
+                "user_id": reg.user_id,
+                "label": reg.label,
+                "err_mean": reg.err_mean,
+                "err_std": reg.err_std,
+                "num_examples": reg.num_examples,
+                "sha256": content_hash(reg.params),
+                **dict((extra or {}).get(k, {})),
+            }
+        )
+    _atomic(folder / TENSORS_FILE, lambda tmp: save_file(tensors, tmp))
+    meta = {"format": FORMAT_VERSION, "entries": entries, **dict(info or {})}
+    _atomic(folder / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+
+
+def load_filter(folder: Path) -> tuple[list[Registration], dict[str, Any]]:
+    """Read a saved filter and verify every content hash; return registrations and metadata."""
+    meta: dict[str, Any] = json.loads((folder / META_FILE).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{folder}: unknown filter format {meta.get('format')!r}")
+    tensors = load_file(str(folder / TENSORS_FILE))
+    regs = []
+    for entry in meta["entries"]:
+        k = entry["key"]
+        params = {name: tensors[f"{k}/{name}"] for name in PARAM_NAMES}
+        if content_hash(params) != entry["sha256"]:
+            raise ValueError(f"{folder}: entry {k} (user {entry['user_id']}) fails its hash")
+        regs.append(
+            Registration(
+                int(entry["user_id"]),
+                int(entry["label"]),
+                params,
+                float(entry["err_mean"]),
+                float(entry["err_std"]),
+                int(entry["num_examples"]),
+            )
+        )
+    return regs, meta
