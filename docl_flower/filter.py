@@ -46,6 +46,11 @@ class ScoringConfig:
 class GlobalFilter:
     """All registered autoencoders, stacked, plus their error statistics.
 
+    Attributes
+    ----------
+    _ENCODER_BLOCK : int
+        Autoencoders whose encoders run in one matrix product (bounds memory).
+
     Parameters
     ----------
     registrations : sequence of Registration
@@ -53,6 +58,8 @@ class GlobalFilter:
     scoring : ScoringConfig
         Chunk sizes.
     """
+
+    _ENCODER_BLOCK = 128
 
     def __init__(
         self, registrations: Sequence[Registration], scoring: ScoringConfig | None = None
@@ -70,11 +77,19 @@ class GlobalFilter:
             return torch.from_numpy(np.stack(arrays)).contiguous()
 
         enc_w, enc_b, dec_w, dec_b = (stack(n) for n in PARAM_NAMES)
-        # Encoder weights as (N, D, M) so that x @ W^T is a plain matmul.
-        self.enc_wt = enc_w.transpose(1, 2).contiguous()
-        self.enc_b = enc_b
-        self.dec_wt = dec_w.transpose(1, 2).contiguous()  # (N, M, D)
-        self.dec_b = dec_b
+        n_models, hidden, dim = enc_w.shape
+        self._hidden = hidden
+        self._dim = dim
+        # Biases folded into the products (one extra input column of ones), so that no
+        # separate pass adds them. Encoder: all autoencoders side by side, (D + 1, N * M).
+        self._enc = torch.cat(
+            [enc_w.permute(2, 0, 1).reshape(dim, n_models * hidden), enc_b.reshape(1, -1)]
+        ).contiguous()
+        # Decoder: (N, M + 1, D), halved because sigmoid(z) = (1 + tanh(z / 2)) / 2 and
+        # tanh is the cheaper kernel: d = sum (sigmoid(z) - x)^2 = sum (tanh(z/2) - (2x - 1))^2 / 4.
+        self._dec = (
+            0.5 * torch.cat([dec_w.transpose(1, 2), dec_b[:, None, :]], dim=1)
+        ).contiguous()
         self.labels = torch.tensor([r.label for r in registrations])
         self.owners = torch.tensor([r.user_id for r in registrations])
         self.mu = torch.tensor([r.err_mean for r in registrations], dtype=torch.float64)
@@ -88,28 +103,44 @@ class GlobalFilter:
     @property
     def dim(self) -> int:
         """Feature dimension D."""
-        return int(self.enc_wt.shape[1])
+        return self._dim
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 7-8: ``d_i(x)`` for every image (rows) and autoencoder (columns), shape (n, N)."""
+        """Eq. 7-8: ``d_i(x)`` for every image (rows) and autoencoder (columns), shape (n, N).
+
+        Images are processed in chunks of ``chunk_images``; for each chunk the encoders of a
+        block of autoencoders run as one matrix product, and the decoders run as batched
+        products over ``chunk_models`` autoencoders at a time, so the ``(chunk_models,
+        chunk_images, D)`` intermediate stays in cache.
+        """
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must be (n, {self.dim}), got {tuple(x.shape)}")
         x = x.to(torch.float32)
-        n, big_n = x.shape[0], self.size
-        out = torch.empty(n, big_n, dtype=torch.float32)
+        n, big_n, m, d = x.shape[0], self.size, self._hidden, self._dim
         ci, cm = self.scoring.chunk_images, self.scoring.chunk_models
+        block = max(cm, (self._ENCODER_BLOCK // cm) * cm)
+        out = torch.empty(n, big_n, dtype=torch.float32)
+        x_aug = torch.ones(min(ci, n), d + 1)
+        h_aug = torch.ones(min(block, big_n), min(ci, n), m + 1)
+        z = torch.empty(cm, min(ci, n), d)
         for i0 in range(0, n, ci):
             xb = x[i0 : i0 + ci]
-            for j0 in range(0, big_n, cm):
-                j1 = min(j0 + cm, big_n)
-                # Encoder: one (b, D) x (c, D, M) batched product -> (c, b, M).
-                h = torch.matmul(xb, self.enc_wt[j0:j1])
-                h.add_(self.enc_b[j0:j1, None, :]).relu_()
-                # Decoder: (c, b, M) x (c, M, D) -> (c, b, D), bias added inside the product.
-                z = torch.baddbmm(self.dec_b[j0:j1, None, :], h, self.dec_wt[j0:j1])
-                z.sigmoid_().sub_(xb)
-                out[i0 : i0 + xb.shape[0], j0:j1] = z.square_().sum(dim=2).T
+            b = xb.shape[0]
+            x_aug[:b, :d] = xb
+            y = xb * 2.0 - 1.0
+            for k0 in range(0, big_n, block):
+                k1 = min(k0 + block, big_n)
+                h = torch.mm(x_aug[:b], self._enc[:, k0 * m : k1 * m]).relu_()
+                h_aug[: k1 - k0, :b, :m] = h.view(b, k1 - k0, m).transpose(0, 1)
+                for j0 in range(k0, k1, cm):
+                    j1 = min(j0 + cm, k1)
+                    t = torch.bmm(
+                        h_aug[j0 - k0 : j1 - k0, :b], self._dec[j0:j1], out=z[: j1 - j0, :b]
+                    )
+                    t.tanh_().sub_(y)
+                    err = torch.linalg.vector_norm(t, dim=2).square_().mul_(0.25)
+                    out[i0 : i0 + b, j0:j1] = err.T
         return out
 
     def predict(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,17 @@ def make_filter(n_models: int, dim: int, hidden: int, scoring: ScoringConfig) ->
     return GlobalFilter(regs, scoring)
 
 
+def naive_loop(flt: GlobalFilter, regs: list[Registration], x: torch.Tensor) -> torch.Tensor:
+    """Reference: one autoencoder at a time, plain PyTorch (what the chunked filter replaces)."""
+    cols = []
+    for r in regs:
+        p = {k: torch.from_numpy(v) for k, v in r.params.items()}
+        h = torch.relu(x @ p["encoder.weight"].T + p["encoder.bias"])
+        xh = torch.sigmoid(h @ p["decoder.weight"].T + p["decoder.bias"])
+        cols.append(((x - xh) ** 2).sum(1))
+    return torch.stack(cols, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
@@ -99,6 +110,8 @@ def main() -> None:
         seconds = best_time(lambda f=flt, xs=images: f.scores(xs), args.repeats)
         ips = images.shape[0] / seconds
         gflops = ips * 4 * args.dim * args.hidden * n / 1e9
+        regs = list(flt.registrations)
+        loop_s = best_time(lambda f=flt, r=regs, xs=images: naive_loop(f, r, xs), 1)
         rows.append(
             {
                 "autoencoders": n,
@@ -107,6 +120,7 @@ def main() -> None:
                 "images_per_second": ips,
                 "gflops": gflops,
                 "fraction_of_gemm": gflops / gemm,
+                "naive_loop_images_per_second": images.shape[0] / loop_s,
             }
         )
     print(
@@ -118,11 +132,13 @@ def main() -> None:
         f"chunks: {scoring.chunk_images} images x {scoring.chunk_models} autoencoders, "
         f"D={args.dim}, M={args.hidden}"
     )
-    print(f"{'autoencoders':>12} {'images':>7} {'images/s':>12} {'GFLOP/s':>9} {'of GEMM':>8}")
+    print("| autoencoders | images | images/s | GFLOP/s | of GEMM | naive loop images/s |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"{r['autoencoders']:>12} {r['images']:>7} {r['images_per_second']:>12.0f} "
-            f"{r['gflops']:>9.1f} {r['fraction_of_gemm']:>8.2f}"
+            f"| {r['autoencoders']} | {r['images']} | {r['images_per_second']:.0f} | "
+            f"{r['gflops']:.1f} | {r['fraction_of_gemm']:.2f} | "
+            f"{r['naive_loop_images_per_second']:.0f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
