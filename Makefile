@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint bench report recipes clean
+.PHONY: run test lint bench report recipes figures clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ recipes: $(STAMP)
 	rm -rf multirun/recipes
 	$(BIN)/docl-flower -m features=identity,deskew train=paper,default hydra.sweep.dir=multirun/recipes
 	$(BIN)/python scripts/sweep_table.py multirun/recipes
+
+# The paper's evaluation (Fig. 2-5), imbalance, and the strict Guard: PNGs + figures/summary.md.
+figures: $(STAMP)
+	$(BIN)/python scripts/figures.py --out figures $(FIGURES_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_filter.py

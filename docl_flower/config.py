@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .data import IdxDataset, Partition
@@ -32,7 +32,7 @@ class SimulationSpec:
 
 
 def _spec(node: Any) -> Any:
-    """Instantiate a plain spec dataclass from ``_target_`` without recursing into sub-configs.
+    """Build a plain spec (dataclass or factory) from ``_target_`` without recursing.
 
     Nested ``_target_`` configs (optimiser, scheduler, augmentation) stay plain dicts so that
     they can be sent to clients as JSON and instantiated there.
@@ -41,8 +41,8 @@ def _spec(node: Any) -> Any:
     if not isinstance(data, dict):
         raise TypeError(f"expected a config mapping, got {type(data).__name__}")
     kwargs = {str(k): v for k, v in data.items()}
-    cls = get_class(str(kwargs.pop("_target_")))
-    return cls(**kwargs)
+    factory = get_object(str(kwargs.pop("_target_")))
+    return factory(**kwargs)
 
 
 @dataclass(frozen=True)

@@ -210,3 +210,34 @@ def class_indices(
         keep = max(1, round(fraction * idx.size))
         idx = np.sort(np.random.default_rng(seed).choice(idx, size=keep, replace=False))
     return idx
+
+
+def adversary_partition(
+    num_classes: int = 10, adversaries: Sequence[int] | None = None
+) -> Partition:
+    """One user per ordered pair (adversary a, victim v), a != v (Fig. 4).
+
+    User ``k`` registers as class ``a`` (its own) with an autoencoder trained on a's and v's
+    training images. Users are ordered by adversary, then victim.
+    """
+    advs = list(range(num_classes)) if adversaries is None else [int(a) for a in adversaries]
+    pairs = [(a, v) for a in advs for v in range(num_classes) if v != a]
+    return Partition(
+        num_users=len(pairs),
+        user_classes=[[a] for a, _ in pairs],
+        extra_classes={k: [v] for k, (_, v) in enumerate(pairs)},
+        shared_classes=True,
+    )
+
+
+def imbalance_partition(
+    classes: Sequence[int] = (1, 3, 5, 7, 9), fractions: Sequence[float] = (0.01, 0.05, 0.1)
+) -> Partition:
+    """One user per (fraction, class): the user keeps only that fraction of its class's images."""
+    table = [(float(f), int(c)) for f in fractions for c in classes]
+    return Partition(
+        num_users=len(table),
+        user_classes=[[c] for _, c in table],
+        fraction={k: f for k, (f, _) in enumerate(table)},
+        shared_classes=True,
+    )

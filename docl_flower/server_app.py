@@ -97,6 +97,7 @@ def main(grid: Grid, context: Context) -> None:
             k: {
                 "node_id": outcome.nodes.get(r.user_id),
                 "registered_at": outcome.registered_at.get(r.user_id),
+                "fraction": exp.client_spec.fraction.get(r.user_id, 1.0),
                 "trained_on": sorted({r.label, *exp.client_spec.extra_classes.get(r.user_id, [])}),
             }
             for k, r in enumerate(regs)
