@@ -1,4 +1,8 @@
-"""ClientApp: train the user's one-class autoencoder(s) on its own partition, upload once."""
+"""ClientApp: train on the user's own partition only and reply with one upload.
+
+The train message's spec names the task (``_target_``-style): DOCL's one-class autoencoders,
+or a FedAvg-family classifier update.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from hydra.utils import get_object
+from numpy.typing import NDArray
 
 from . import keys
+from .classifier import train_classifier as sgd_train
 from .config import ClientSpec, derive_seed
 from .data import class_indices
 from .logs import setup_logging
@@ -20,6 +27,8 @@ from .model import error_stats, reconstruction_errors, state_to_numpy, train_aut
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+Task = Callable[[RecordDict, ClientSpec, int, Mapping[str, object]], RecordDict]
 
 
 def resolve_user(node_config: Mapping[str, object]) -> int:
@@ -30,65 +39,39 @@ def resolve_user(node_config: Mapping[str, object]) -> int:
     raise ValueError("node config has neither 'user-id' nor 'partition-id'")
 
 
-def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
-    """Train every autoencoder of this node's user and build the one upload (Flower-free logic)."""
-    received_arrays = len(content.array_records)
-    spec = ClientSpec.from_json(str(content.config_records[keys.CONFIG_RECORD][keys.SPEC]))
-    user = resolve_user(node_config)
-    if user not in spec.assignment:
-        raise ValueError(f"user {user} is not in this experiment's assignment")
-    classes = spec.assignment[user]
-    data_dir = node_config.get(keys.NODE_DATA_DIR)
-    dataset = spec.dataset_obj(str(data_dir) if data_dir is not None else None)
-    features = spec.features_obj()
-    model_spec, train_spec = spec.model_spec(), spec.train_spec()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, labels = dataset.load("train")
-    arrays: dict[str, Array] = {}
-    means: list[float] = []
-    stds: list[float] = []
-    counts: list[int] = []
-    start = time.perf_counter()
-    for c in classes:
-        seed = derive_seed(spec.seed, user, c)
-        idx = np.concatenate(
-            [class_indices(labels, c, spec.fraction.get(user, 1.0), seed)]
-            + [class_indices(labels, v) for v in spec.extra_classes.get(user, [])]
-        )
-        x = features(images[idx])
-        log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
-        model, report = train_autoencoder(
-            x, model_spec, train_spec, seed, device, on_epoch=_progress(user, c, train_spec.epochs)
-        )
-        mu, sd = error_stats(reconstruction_errors(model, x))
-        log.info(
-            "user %d class %d: loss %.2f -> %.2f, mu %.3f sigma %.3f, %.1fs",
-            user,
-            c,
-            report.losses[0],
-            report.losses[-1],
-            mu,
-            sd,
-            report.seconds,
-        )
-        for name, value in state_to_numpy(model).items():
-            arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
-        means.append(mu)
-        stds.append(sd)
-        counts.append(len(idx))
-    metrics = MetricRecord(
-        {
-            keys.USER_ID: user,
-            keys.CLASSES: list(classes),
-            keys.ERR_MEAN: means,
-            keys.ERR_STD: stds,
-            keys.NUM_EXAMPLES: counts,
-            keys.TRAIN_SECONDS: time.perf_counter() - start,
-            keys.RECEIVED_ARRAYS: received_arrays,
-            keys.DEVICE_CUDA: int(device.type == "cuda"),
-        }
+def class_user_indices(
+    spec: ClientSpec, user: int, cls: int, labels: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """Training indices of one class that this user holds (IID shard and fraction applied)."""
+    idx = class_indices(labels, cls)
+    if spec.shards > 0:
+        # The same permutation for every user, so the shards are disjoint.
+        perm = np.random.default_rng([spec.seed, cls]).permutation(idx)
+        idx = np.sort(perm[user % spec.shards :: spec.shards])
+    frac = spec.fraction.get(user, 1.0)
+    if frac < 1.0:
+        keep = max(1, round(frac * idx.size))
+        rng = np.random.default_rng(derive_seed(spec.seed, user, cls))
+        idx = np.sort(rng.choice(idx, size=keep, replace=False))
+    return idx
+
+
+def user_indices(spec: ClientSpec, user: int, labels: NDArray[np.int64]) -> NDArray[np.int64]:
+    """All training indices of this user's partition."""
+    return np.concatenate(
+        [class_user_indices(spec, user, c, labels) for c in spec.assignment[user]]
     )
-    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
+
+
+def _load(
+    spec: ClientSpec, node_config: Mapping[str, object]
+) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    data_dir = node_config.get(keys.NODE_DATA_DIR)
+    return spec.dataset_obj(str(data_dir) if data_dir is not None else None).load("train")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _progress(user: int, cls: int, epochs: int) -> Callable[[int, float], None]:
@@ -101,8 +84,106 @@ def _progress(user: int, cls: int, epochs: int) -> Callable[[int, float], None]:
     return report
 
 
+def train_docl(
+    content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
+) -> RecordDict:
+    """DOCL: one one-class autoencoder per class the user owns; upload parameters and stats."""
+    images, labels = _load(spec, node_config)
+    features = spec.features_obj()
+    model_spec, train_spec = spec.model_spec(), spec.train_spec()
+    device = _device()
+    arrays: dict[str, Array] = {}
+    means: list[float] = []
+    stds: list[float] = []
+    counts: list[int] = []
+    start = time.perf_counter()
+    for c in spec.assignment[user]:
+        seed = derive_seed(spec.seed, user, c)
+        idx = np.concatenate(
+            [class_user_indices(spec, user, c, labels)]
+            + [class_indices(labels, v) for v in spec.extra_classes.get(user, [])]
+        )
+        if idx.size == 0:
+            raise ValueError(f"user {user} holds no training image of class {c}")
+        x = features(images[idx])
+        log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
+        model, report = train_autoencoder(
+            x, model_spec, train_spec, seed, device, on_epoch=_progress(user, c, train_spec.epochs)
+        )
+        mu, sd = error_stats(reconstruction_errors(model, x))
+        log.info("user %d class %d: mu %.3f sigma %.3f, %.1fs", user, c, mu, sd, report.seconds)
+        for name, value in state_to_numpy(model).items():
+            arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
+        means.append(mu)
+        stds.append(sd)
+        counts.append(len(idx))
+    metrics = MetricRecord(
+        {
+            keys.USER_ID: user,
+            keys.CLASSES: list(spec.assignment[user]),
+            keys.ERR_MEAN: means,
+            keys.ERR_STD: stds,
+            keys.NUM_EXAMPLES: counts,
+            keys.TRAIN_SECONDS: time.perf_counter() - start,
+            keys.RECEIVED_ARRAYS: len(content.array_records),
+            keys.DEVICE_CUDA: int(device.type == "cuda"),
+        }
+    )
+    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
+
+
+def train_classifier(
+    content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
+) -> RecordDict:
+    """FedAvg family: start from the received global model, train locally, return the update."""
+    config = content.config_records[keys.CONFIG_RECORD]
+    server_round = int(str(config.get("server-round", 0)))
+    proximal_mu = float(str(config.get("proximal-mu", 0.0)))
+    images, labels = _load(spec, node_config)
+    idx = user_indices(spec, user, labels)
+    x, y = spec.features_obj()(images[idx]), torch.as_tensor(labels[idx])
+    model = spec.model_spec().build(int(x.shape[1]))  # type: ignore[attr-defined]
+    model.load_state_dict(content.array_records[keys.ARRAYS_RECORD].to_torch_state_dict())
+    seconds = sgd_train(
+        model,
+        x,
+        y,
+        spec.train_spec(),  # type: ignore[arg-type]
+        derive_seed(spec.seed, user, server_round),
+        proximal_mu=proximal_mu,
+        device=_device(),
+    )
+    metrics = MetricRecord(
+        {
+            keys.USER_ID: user,
+            keys.NUM_EXAMPLES: int(idx.size),
+            keys.TRAIN_SECONDS: seconds,
+        }
+    )
+    return RecordDict(
+        {keys.ARRAYS_RECORD: ArrayRecord(model.state_dict()), keys.METRICS_RECORD: metrics}
+    )
+
+
+def idle(
+    content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
+) -> RecordDict:
+    """Workflows that never contact clients (the centralised reference)."""
+    raise RuntimeError("this experiment sends no work to clients")
+
+
+def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+    """Run the task the spec names for this node's user (Flower-free logic)."""
+    spec = ClientSpec.from_json(str(content.config_records[keys.CONFIG_RECORD][keys.SPEC]))
+    user = resolve_user(node_config)
+    if user not in spec.assignment:
+        raise ValueError(f"user {user} is not in this experiment's assignment")
+    task: Task = get_object(spec.task)
+    return task(content, spec, user, node_config)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train on this user's images only and reply once with the upload."""
+    """Train on this user's images only and reply."""
     setup_logging()
     return Message(handle_train(msg.content, context.node_config), reply_to=msg)

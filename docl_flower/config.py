@@ -57,6 +57,8 @@ class ClientSpec:
     assignment: dict[int, list[int]]
     fraction: dict[int, float] = field(default_factory=dict)
     extra_classes: dict[int, list[int]] = field(default_factory=dict)
+    shards: int = 0
+    task: str = "docl_flower.client_app.train_docl"
 
     def to_json(self) -> str:
         """Serialise (integer keys become strings)."""
@@ -74,7 +76,7 @@ class ClientSpec:
         return cls(**raw)
 
     def model_spec(self) -> AutoencoderSpec:
-        """The architecture as a typed object."""
+        """The architecture as a typed object (a classifier spec for the baselines)."""
         return _spec(self.model)  # type: ignore[no-any-return]
 
     def train_spec(self) -> TrainSpec:
@@ -103,13 +105,14 @@ class Experiment:
     harmless: IdxDataset | None
     features: FeatureExtractor
     partition: Partition
-    model: AutoencoderSpec
-    train: TrainSpec
+    model: Any
+    train: Any
     guard: Guard
     scoring: ScoringConfig
     simulation: SimulationSpec
     client_spec: ClientSpec
     assignment: Mapping[int, tuple[int, ...]]
+    workflow: Any
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -135,6 +138,7 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
     train_cfg = dict(container["train"])
     model_cfg = dict(container["model"])
     seed = int(container["seed"])
+    workflow = _spec(container["strategy"])
     client_spec = ClientSpec(
         seed=seed,
         dataset=dataset_cfg,
@@ -144,6 +148,8 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
         assignment={u: list(cs) for u, cs in assignment.items()},
         fraction={int(k): float(v) for k, v in partition.fraction.items()},
         extra_classes={int(k): [int(c) for c in v] for k, v in partition.extra_classes.items()},
+        shards=len(assignment) if partition.iid else 0,
+        task=str(workflow.CLIENT_TASK),
     )
     return Experiment(
         seed=seed,
@@ -159,6 +165,7 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
         simulation=_spec(container["simulation"]),
         client_spec=client_spec,
         assignment=assignment,
+        workflow=workflow,
     )
 
 

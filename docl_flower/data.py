@@ -151,7 +151,8 @@ class Partition:
     explicitly instead. The natural class imbalance is kept; ``fraction`` maps a user id
     to the fraction of its images it keeps (to study stronger imbalance).
 
-    For the adversary experiments, ``extra_classes`` maps a user id to classes whose training
+    ``iid`` shards every class across the users instead (each user holds a disjoint
+    ``1/num_users`` share of every class). For the adversary experiments, ``extra_classes`` maps a user id to classes whose training
     images that user also trains on (an adversary with access to a victim's images), and
     ``shared_classes`` lets several users claim the same class.
     """
@@ -162,9 +163,15 @@ class Partition:
     fraction: Mapping[int, float] = field(default_factory=dict)
     extra_classes: Mapping[int, Sequence[int]] = field(default_factory=dict)
     shared_classes: bool = False
+    iid: bool = False
 
     def assignment(self, num_classes: int) -> dict[int, tuple[int, ...]]:
         """Map each user id to the tuple of classes it owns; validate the layout."""
+        if self.iid:
+            if self.num_users < 1:
+                raise ValueError("num_users must be >= 1")
+            # Every user holds a disjoint shard of every class.
+            return {u: tuple(range(num_classes)) for u in range(self.num_users)}
         if self.user_classes is not None:
             table = {u: tuple(int(c) for c in cs) for u, cs in enumerate(self.user_classes)}
             if len(table) != self.num_users:

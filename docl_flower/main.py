@@ -23,13 +23,19 @@ log = logging.getLogger(__name__)
 def format_table(results: dict[str, Any]) -> str:
     """The short table printed at the end of a run."""
     rows = [
+        ("method", str(results.get("method", "?"))),
         ("overall accuracy", f"{results['overall_accuracy']:.4f}"),
-        (f"guarded accuracy (alpha={results['alpha']})", f"{results['guarded_accuracy']:.4f}"),
     ]
+    if results.get("guarded_accuracy") is not None:
+        guarded = f"{results['guarded_accuracy']:.4f}"
+        rows.append((f"guarded accuracy (alpha={results['alpha']})", guarded))
     if results.get("acceptance_rate") is not None:
         rows.append(("acceptance rate (Fashion-MNIST)", f"{results['acceptance_rate']:.4f}"))
     if results.get("ood_auroc") is not None:
         rows.append(("OOD AUROC (min error)", f"{results['ood_auroc']:.4f}"))
+    rows.append(("rounds", f"{results.get('rounds', 1)}"))
+    down = results.get("bytes_downloaded", {})
+    rows.append(("max bytes downloaded per user", f"{max(down.values(), default=0)}"))
     rows.append(("registered users", f"{len(results['registered'])}"))
     rows.append(("failed users", f"{len(results['failed'])}"))
     rows.append(("wall seconds", f"{results.get('wall_seconds', float('nan')):.1f}"))

@@ -1,0 +1,152 @@
+"""Multi-class classifiers for the FedAvg baselines (McMahan et al. 2017): 2NN and CNN (no Flower).
+
+Both take the same ``(n, 784)`` features as the autoencoders (reshaped to 28x28 for the CNN)
+and are trained with SGD; ``proximal_mu > 0`` adds FedProx's proximal term.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Mlp2NN:
+    """The "2NN" of McMahan et al.: 784-200-200-10 with ReLU."""
+
+    hidden: int = 200
+    num_classes: int = 10
+
+    def build(self, dim: int) -> nn.Module:
+        """A fresh, untrained module for inputs of dimension ``dim``."""
+        return nn.Sequential(
+            nn.Linear(dim, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, self.num_classes),
+        )
+
+
+@dataclass(frozen=True)
+class Cnn:
+    """The CNN of McMahan et al.: two 5x5 conv layers with 2x2 max pooling, dense 512, softmax.
+
+    The conv layers have 32 and 64 channels.
+    """
+
+    num_classes: int = 10
+    image_size: int = 28
+
+    def build(self, dim: int) -> nn.Module:
+        """A fresh, untrained module; ``dim`` must be ``image_size ** 2``."""
+        if dim != self.image_size**2:
+            raise ValueError(
+                f"the CNN needs {self.image_size}x{self.image_size} inputs, got D={dim}"
+            )
+        side = self.image_size // 4
+        return nn.Sequential(
+            nn.Unflatten(1, (1, self.image_size, self.image_size)),
+            nn.Conv2d(1, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 512),
+            nn.ReLU(),
+            nn.Linear(512, self.num_classes),
+        )
+
+
+ClassifierSpec = Mlp2NN | Cnn
+
+
+@dataclass(frozen=True)
+class SgdSpec:
+    """Local training of a classifier: plain SGD (McMahan et al.), optional momentum."""
+
+    epochs: int = 1
+    batch_size: int = 10
+    lr: float = 0.05
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("epochs, batch_size >= 1 and lr > 0 required")
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: SgdSpec,
+    seed: int,
+    proximal_mu: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Train ``model`` in place with cross-entropy; return the wall seconds.
+
+    With ``proximal_mu > 0`` the loss gets FedProx's ``mu/2 * ||w - w_start||^2``.
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    start_params = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = x.to(device), y.to(device)
+    start = time.perf_counter()
+    for _ in range(spec.epochs):
+        order = torch.randperm(x.shape[0], generator=gen).to(device)
+        for i in range(0, x.shape[0], spec.batch_size):
+            idx = order[i : i + spec.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if proximal_mu > 0:
+                prox = sum(
+                    ((p - p0) ** 2).sum()
+                    for p, p0 in zip(model.parameters(), start_params, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    model.eval().cpu()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """Predicted class per row of ``x``."""
+    model.eval()
+    return torch.cat([model(xb).argmax(dim=1) for xb in torch.split(x, batch_size)])
+
+
+def accuracy_report(pred: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[int, float]]:
+    """Overall and per-class accuracy."""
+    overall = float((pred == y).double().mean())
+    per_class = {
+        int(c): float((pred[y == c] == c).double().mean()) for c in torch.unique(y).tolist()
+    }
+    return overall, per_class
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Parameter bytes of a state dict."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def epochs_to_steps(n: int, spec: SgdSpec) -> int:
+    """SGD steps one client takes per round."""
+    return spec.epochs * math.ceil(n / spec.batch_size)

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from docl_flower import keys
+from docl_flower.classifier import Cnn, Mlp2NN, SgdSpec, accuracy_report, predict, train_classifier
+from docl_flower.client_app import class_user_indices, user_indices
+from docl_flower.config import ClientSpec
+from docl_flower.data import Partition
+from docl_flower.workflows import CountingGrid
+
+
+def test_mcmahan_models_have_the_published_sizes():
+    assert sum(p.numel() for p in Mlp2NN().build(784).parameters()) == 199_210
+    cnn = Cnn().build(784)
+    assert cnn(torch.rand(2, 784)).shape == (2, 10)
+    assert sum(p.numel() for p in cnn.parameters()) == 1_663_370
+    with pytest.raises(ValueError):
+        Cnn().build(100)
+
+
+def _blobs(n: int = 300):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (n,), generator=g)
+    centers = torch.rand(3, 20, generator=g)
+    return centers[y] + 0.05 * torch.randn(n, 20, generator=g), y
+
+
+def test_sgd_learns_and_fedprox_term_limits_the_drift():
+    x, y = _blobs()
+    free = Mlp2NN(hidden=16, num_classes=3).build(20)
+    prox = Mlp2NN(hidden=16, num_classes=3).build(20)
+    prox.load_state_dict(free.state_dict())
+    start = [p.detach().clone() for p in free.parameters()]
+    train_classifier(free, x, y, SgdSpec(epochs=20, batch_size=16, lr=0.1), seed=0)
+    train_classifier(prox, x, y, SgdSpec(epochs=20, batch_size=16, lr=0.1), seed=0, proximal_mu=5.0)
+    overall, per_class = accuracy_report(predict(free, x), y)
+    assert overall > 0.9 and set(per_class) == {0, 1, 2}
+
+    def drift(m):
+        return sum(
+            float(((p.detach() - s) ** 2).sum()) for p, s in zip(m.parameters(), start, strict=True)
+        )
+
+    assert drift(prox) < drift(free)
+
+
+def test_iid_shards_are_disjoint_and_cover_every_class():
+    labels = np.repeat(np.arange(3), 50)
+    assignment = Partition(num_users=4, iid=True).assignment(3)
+    assert assignment == {u: (0, 1, 2) for u in range(4)}
+    spec = ClientSpec(
+        seed=1,
+        dataset={},
+        features={},
+        model={},
+        train={},
+        assignment={u: list(c) for u, c in assignment.items()},
+        shards=4,
+    )
+    parts = [user_indices(spec, u, labels) for u in range(4)]
+    allidx = np.concatenate(parts)
+    assert sorted(allidx.tolist()) == list(range(150))
+    assert all(set(np.unique(labels[p])) == {0, 1, 2} for p in parts)
+    assert class_user_indices(spec, 0, 1, labels).size in (12, 13)
+
+
+def test_counting_grid_counts_parameter_bytes_per_user_and_direction():
+    arrays = ArrayRecord({"w": Array(np.ones(10, np.float32))})
+    sent = Mock(spec=Message)
+    sent.metadata.dst_node_id = 7
+    sent.content = RecordDict({"arrays": arrays, "config": ConfigRecord({"x": 1})})
+    reply = Mock(spec=Message)
+    reply.metadata.src_node_id = 7
+    reply.has_error.return_value = False
+    reply.content = RecordDict(
+        {
+            "arrays": arrays,
+            keys.METRICS_RECORD: MetricRecord({keys.USER_ID: 3, keys.NUM_EXAMPLES: 5}),
+        }
+    )
+    inner = Mock()
+    inner.send_and_receive.return_value = [reply]
+    grid = CountingGrid(inner)
+    for _ in range(2):  # two rounds
+        assert list(grid.send_and_receive([sent], timeout=1.0)) == [reply]
+    assert grid.per_user(grid.down) == {"3": 80}
+    assert grid.per_user(grid.up) == {"3": 80}
