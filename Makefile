@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint bench report recipes figures clean
+.PHONY: run test lint bench report recipes figures compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ recipes: $(STAMP)
 # The paper's evaluation (Fig. 2-5), imbalance, and the strict Guard: PNGs + figures/summary.md.
 figures: $(STAMP)
 	$(BIN)/python scripts/figures.py --out figures $(FIGURES_ARGS)
+
+# DOCL vs FedAvg / FedProx (one class per user and IID) vs centralised: table + plot.
+compare: $(STAMP)
+	$(BIN)/python scripts/compare.py --out comparison $(COMPARE_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_filter.py

@@ -1,0 +1,128 @@
+"""DOCL vs FedAvg, FedProx (one class per user and IID) and a centralised reference.
+
+    python scripts/compare.py [--out comparison] [--rounds 30] [--reuse]
+
+Every row is one `docl-flower` run on MNIST with 10 users and the same seed and features;
+the table (``OUT/comparison.md``) and the plot of accuracy vs bytes transferred per user
+(``OUT/accuracy_vs_bytes.png``) are made from the runs' ``results.json`` files only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "docl": ("DOCL (one class per user)", []),
+    "fedavg": ("FedAvg, 2NN (one class per user)", ["strategy=fedavg"]),
+    "fedprox": ("FedProx, 2NN (one class per user)", ["strategy=fedprox"]),
+    "fedavg-iid": ("FedAvg, 2NN (IID)", ["strategy=fedavg", "partition=iid"]),
+    "fedprox-iid": ("FedProx, 2NN (IID)", ["strategy=fedprox", "partition=iid"]),
+    "centralised": ("Centralised 2NN (all images on the server)", ["strategy=centralised"]),
+}
+
+
+def run(name: str, overrides: list[str], out: Path, reuse: bool) -> dict[str, Any]:
+    run_dir = out / "runs" / name
+    if not (reuse and (run_dir / "results.json").is_file()):
+        cmd = [
+            str(Path(sys.executable).parent / "docl-flower"),
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ]
+        print("running:", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, check=False, env=os.environ.copy()).returncode != 0:
+            raise SystemExit(f"{name} failed")
+    results: dict[str, Any] = json.loads((run_dir / "results.json").read_text())
+    return results
+
+
+def _mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / max(1, len(d))
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| method | overall acc. | worst class acc. | rounds | MB up / user | MB down / user | "
+        "wall s | user receives others' parameters |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        label = RUNS[name][0]
+        worst = min(r["per_class_accuracy"].values())
+        up = _mean(r["bytes_uploaded"]) / 1e6
+        down = _mean(r["bytes_downloaded"]) / 1e6
+        receives = "yes" if r.get("receives_others_parameters") else "no"
+        if r.get("uploads_raw_images"):
+            label += " (uploads raw images)"
+            receives = "no (hands over its images)"
+        lines.append(
+            f"| {label} | {r['overall_accuracy']:.4f} | {worst:.4f} | {r.get('rounds', 1)} | "
+            f"{up:.2f} | {down:.2f} | {r['wall_seconds']:.0f} | {receives} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in rows.items():
+        label = RUNS[name][0]
+        if "accuracy_curve" in r and name != "centralised":
+            xs = [max(p["bytes_per_user"], 1.0) / 1e6 for p in r["accuracy_curve"]]
+            ax.plot(xs, [p["accuracy"] for p in r["accuracy_curve"]], marker=".", label=label)
+        else:
+            total = (_mean(r["bytes_uploaded"]) + _mean(r["bytes_downloaded"])) / 1e6
+            ax.scatter([total], [r["overall_accuracy"]], s=80, marker="*", label=label, zorder=3)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="MB transferred per user (up + down, cumulative)",
+        ylabel="test accuracy",
+        ylim=(0, 1.02),
+    )
+    ax.set_title("MNIST, 10 users: accuracy vs bytes transferred")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("comparison"))
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--centralised-epochs", type=int, default=10)
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run")
+    args = parser.parse_args()
+    start = time.time()
+    rows = {}
+    for name, (_, overrides) in RUNS.items():
+        extra = list(args.extra)
+        if name.startswith("fed"):
+            extra.append(f"strategy.num_rounds={args.rounds}")
+        if name == "centralised":
+            extra.append(f"strategy.epochs={args.centralised_epochs}")
+        rows[name] = run(name, [*overrides, *extra], args.out, args.reuse)
+    md = table(rows)
+    (args.out / "comparison.md").write_text(md)
+    plot(rows, args.out / "accuracy_vs_bytes.png")
+    print(md)
+    print(
+        f"make compare: {time.time() - start:.0f}s; wrote {args.out / 'comparison.md'} and "
+        f"{args.out / 'accuracy_vs_bytes.png'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
