@@ -51,6 +51,14 @@ def _test_set(exp: ExperimentLike) -> tuple[torch.Tensor, torch.Tensor]:
     return exp.features(images), torch.as_tensor(labels)
 
 
+def _held_test_set(exp: ExperimentLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test images of the classes the users hold (what DOCL's overall accuracy covers)."""
+    x, y = _test_set(exp)
+    held = torch.tensor(sorted({c for cs in exp.assignment.values() for c in cs}))
+    mask = torch.isin(y, held)
+    return x[mask], y[mask]
+
+
 # ------------------------------------------------------------------------------ DOCL
 @dataclass(frozen=True)
 class Docl:
@@ -201,10 +209,7 @@ class FederatedClassifier:
     ) -> dict[str, Any]:
         """Run the rounds with server-side evaluation after each one."""
         spec: ClassifierSpec = exp.model
-        x_test, y_test = _test_set(exp)
-        held = torch.tensor(sorted({c for cs in exp.assignment.values() for c in cs}))
-        mask = torch.isin(y_test, held)  # the classes the users hold, as for DOCL
-        x_test, y_test = x_test[mask], y_test[mask]
+        x_test, y_test = _held_test_set(exp)
         torch.manual_seed(exp.seed)
         model = spec.build(int(x_test.shape[1]))
         counting = CountingGrid(grid)
@@ -276,7 +281,7 @@ class Centralised:
             )
         )
         x, y = exp.features(images[idx]), torch.as_tensor(labels[idx])
-        x_test, y_test = _test_set(exp)
+        x_test, y_test = _held_test_set(exp)
         torch.manual_seed(exp.seed)
         model = exp.model.build(int(x.shape[1]))
         sgd: SgdSpec = exp.train

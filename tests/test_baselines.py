@@ -91,3 +91,30 @@ def test_counting_grid_counts_parameter_bytes_per_user_and_direction():
         assert list(grid.send_and_receive([sent], timeout=1.0)) == [reply]
     assert grid.per_user(grid.down) == {"3": 80}
     assert grid.per_user(grid.up) == {"3": 80}
+
+
+def test_centralised_reference_trains_on_the_union_of_partitions(tiny_root, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from docl_flower.config import build_experiment
+
+    from .conftest import PROJECT_ROOT
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "strategy=centralised",
+                "strategy.epochs=10",
+                "num_users=3",
+                f"data_root={tiny_root}",
+                "dataset.verify=false",
+                "dataset.harmless.verify=false",
+            ],
+        )
+    exp = build_experiment(cfg)
+    results = exp.workflow.run(None, exp, cfg, tmp_path)
+    assert results["method"] == "centralised" and results["rounds"] == 10
+    assert results["bytes_uploaded"] == {str(u): 60 * 784 for u in range(3)}
+    assert results["bytes_downloaded"] == {"0": 0, "1": 0, "2": 0}
+    assert len(results["accuracy_curve"]) == 10 and results["overall_accuracy"] > 0.5
