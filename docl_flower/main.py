@@ -105,6 +105,10 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def cli() -> None:
-    """Console script ``docl-flower``: Hydra overrides on the command line."""
+    """Console script ``docl-flower``: Hydra overrides, or ``filter check`` (a saved filter)."""
+    if sys.argv[1:3] == ["filter", "check"]:
+        from .check import main as check_main
+
+        sys.exit(check_main(sys.argv[3:]))
     hydra_main()
     sys.exit(0)

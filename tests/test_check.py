@@ -1,0 +1,82 @@
+"""`docl-flower filter check` on a saved filter and image files, without Flower running."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from docl_flower.data import IdxDataset, class_indices
+from docl_flower.features import Identity
+from docl_flower.filter import Registration
+from docl_flower.model import (
+    AutoencoderSpec,
+    TrainSpec,
+    error_stats,
+    reconstruction_errors,
+    state_to_numpy,
+    train_autoencoder,
+)
+from docl_flower.store import save_filter
+
+CLI = str(Path(sys.executable).parent / "docl-flower")
+
+
+def test_filter_check_decides_per_image(tiny_root, tmp_path):
+    # Prepare: a two-user filter (digits 0 and 1) and four test images.
+    images, labels = IdxDataset("mnist", str(tiny_root / "mnist"), verify=False).load("train")
+    regs = []
+    for user in (0, 1):
+        x = Identity()(images[class_indices(labels, user)])
+        model, _ = train_autoencoder(
+            x, AutoencoderSpec(hidden=8), TrainSpec(epochs=30, batch_size=16), 0
+        )
+        mu, sd = error_stats(reconstruction_errors(model, x))
+        regs.append(Registration(user, user, state_to_numpy(model), mu, 3 * sd, len(x)))
+    info = {
+        "config": {
+            "features": {"_target_": "docl_flower.features.Identity"},
+            "guard": {"alpha": 2.0},
+        }
+    }
+    save_filter(tmp_path / "filter", regs, info=info)
+    test_images, test_labels = IdxDataset("mnist", str(tiny_root / "mnist"), verify=False).load(
+        "test"
+    )
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    for k, i in enumerate(
+        [*np.flatnonzero(test_labels == 0)[:2], *np.flatnonzero(test_labels == 1)[:2]]
+    ):
+        Image.fromarray(test_images[i]).save(folder / f"{k}-digit{test_labels[i]}.png")
+    # Execute: user 0 uploads them.
+    proc = subprocess.run(
+        [CLI, "filter", "check", str(tmp_path / "filter"), str(folder), "--uploader", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.splitlines()[2:]]
+    assert len(rows) == 4
+    by_name = {Path(r[0]).name: r for r in rows}
+    for name, row in by_name.items():
+        digit = int(name.split("digit")[1][0])
+        assert row[2] == str(digit)  # predicted class
+        if digit == 0:
+            assert row[5] == "share"  # the uploader's own images are shared
+    assert "alpha 2.0" in proc.stdout
+
+
+def test_filter_check_reports_bad_input(tmp_path):
+    proc = subprocess.run(
+        [CLI, "filter", "check", str(tmp_path / "nothing"), str(tmp_path), "--uploader", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "filter check:" in proc.stderr
