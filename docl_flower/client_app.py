@@ -108,7 +108,12 @@ def train_docl(
         x = features(images[idx])
         log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
         model, report = train_autoencoder(
-            x, model_spec, train_spec, seed, device, on_epoch=_progress(user, c, train_spec.epochs)
+            x,
+            model_spec,
+            train_spec,
+            seed,
+            device,
+            on_epoch=_progress(user, c, train_spec.epochs_for(len(idx))),
         )
         mu, sd = error_stats(reconstruction_errors(model, x))
         log.info("user %d class %d: mu %.3f sigma %.3f, %.1fs", user, c, mu, sd, report.seconds)

@@ -75,10 +75,19 @@ class TrainSpec:
     scheduler: Mapping[str, Any] | None = None
     augment: Mapping[str, Any] | None = None
     num_threads: int = 0
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
+            raise ValueError("epochs and batch_size must be >= 1, min_steps >= 0")
+
+    def epochs_for(self, num_examples: int) -> int:
+        """Epochs to run: ``epochs``, or more when that gives fewer than ``min_steps`` updates.
+
+        A user with few images then gets as many optimiser steps as one with many.
+        """
+        steps_per_epoch = math.ceil(num_examples / self.batch_size)
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
 
 
 class Autoencoder(nn.Module):
@@ -207,9 +216,8 @@ def train_autoencoder(
     model = Autoencoder(x.shape[1], model_spec).to(device)
     optimizer = instantiate(dict(train_spec.optimizer), _partial_=True)(model.parameters())
     steps_per_epoch = math.ceil(x.shape[0] / train_spec.batch_size)
-    scheduler = _build_scheduler(
-        train_spec.scheduler, optimizer, steps_per_epoch * train_spec.epochs
-    )
+    epochs = train_spec.epochs_for(x.shape[0])
+    scheduler = _build_scheduler(train_spec.scheduler, optimizer, steps_per_epoch * epochs)
     augment: Callable[..., torch.Tensor] | None = (
         instantiate(dict(train_spec.augment)) if train_spec.augment is not None else None
     )
@@ -217,7 +225,7 @@ def train_autoencoder(
     losses: list[float] = []
     start = time.perf_counter()
     model.train()
-    for epoch in range(train_spec.epochs):
+    for epoch in range(epochs):
         order = torch.randperm(data.shape[0], generator=gen).to(device)
         total = 0.0
         for i in range(0, data.shape[0], train_spec.batch_size):

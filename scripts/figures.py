@@ -383,7 +383,12 @@ def main() -> None:
     honest = run_docl(runs / "honest", seed, args.reuse)
     adversaries = run_docl(
         runs / "adversaries",
-        [*seed, "partition=adversaries", f"train.epochs={args.adversary_epochs}"],
+        [
+            *seed,
+            "partition=adversaries",
+            f"train.epochs={args.adversary_epochs}",
+            "train.min_steps=0",
+        ],
         args.reuse,
     )
     imbalance = run_docl(runs / "imbalance", [*seed, "partition=imbalance"], args.reuse)

@@ -92,3 +92,17 @@ def test_random_affine_identity_when_ranges_are_zero():
 def test_empty_training_data_is_rejected():
     with pytest.raises(ValueError, match="non-empty"):
         train_autoencoder(torch.empty(0, 5), AutoencoderSpec(hidden=2), TrainSpec(epochs=1), 0)
+
+
+def test_min_steps_gives_small_partitions_as_many_updates():
+    spec = TrainSpec(epochs=100, batch_size=128, min_steps=4000)
+    assert spec.epochs_for(6000) == 100  # 47 steps/epoch: already over 4000
+    assert spec.epochs_for(60) == 4000  # one step per epoch
+    assert TrainSpec(epochs=3, batch_size=10).epochs_for(5) == 3
+    _, report = train_autoencoder(
+        torch.rand(20, 16),
+        AutoencoderSpec(hidden=2),
+        TrainSpec(epochs=1, batch_size=10, min_steps=6),
+        0,
+    )
+    assert len(report.losses) == 3
