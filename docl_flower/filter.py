@@ -160,6 +160,17 @@ class GlobalFilter:
         return (s >= lo) & (s <= hi)
 
 
+def reference_scores(registrations: Sequence[Registration], x: torch.Tensor) -> torch.Tensor:
+    """Eq. 7-8 the plain way, one autoencoder at a time (the yardstick of the GlobalFilter)."""
+    cols = []
+    for r in registrations:
+        p = {k: torch.from_numpy(np.asarray(v)) for k, v in r.params.items()}
+        h = torch.relu(x @ p["encoder.weight"].T + p["encoder.bias"])
+        x_hat = torch.sigmoid(h @ p["decoder.weight"].T + p["decoder.bias"])
+        cols.append(((x - x_hat) ** 2).sum(1))
+    return torch.stack(cols, 1)
+
+
 @dataclass(frozen=True)
 class ArgminGuard:
     """The paper's Guard: look only at the best autoencoder ``i*``.

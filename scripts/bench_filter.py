@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from docl_flower.filter import GlobalFilter, Registration, ScoringConfig
+from docl_flower.filter import GlobalFilter, Registration, ScoringConfig, reference_scores
 from docl_flower.model import AutoencoderSpec
 
 
@@ -76,17 +76,6 @@ def make_filter(n_models: int, dim: int, hidden: int, scoring: ScoringConfig) ->
     return GlobalFilter(regs, scoring)
 
 
-def naive_loop(flt: GlobalFilter, regs: list[Registration], x: torch.Tensor) -> torch.Tensor:
-    """Reference: one autoencoder at a time, plain PyTorch (what the chunked filter replaces)."""
-    cols = []
-    for r in regs:
-        p = {k: torch.from_numpy(v) for k, v in r.params.items()}
-        h = torch.relu(x @ p["encoder.weight"].T + p["encoder.bias"])
-        xh = torch.sigmoid(h @ p["decoder.weight"].T + p["decoder.bias"])
-        cols.append(((x - xh) ** 2).sum(1))
-    return torch.stack(cols, 1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
@@ -111,7 +100,7 @@ def main() -> None:
         ips = images.shape[0] / seconds
         gflops = ips * 4 * args.dim * args.hidden * n / 1e9
         regs = list(flt.registrations)
-        loop_s = best_time(lambda f=flt, r=regs, xs=images: naive_loop(f, r, xs), 1)
+        loop_s = best_time(lambda r=regs, xs=images: reference_scores(r, xs), 1)
         rows.append(
             {
                 "autoencoders": n,

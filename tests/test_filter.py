@@ -2,19 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.filter import ArgminGuard, GlobalFilter, Registration, ScoringConfig, StrictGuard
+from docl_flower.filter import (
+    ArgminGuard,
+    GlobalFilter,
+    Registration,
+    ScoringConfig,
+    StrictGuard,
+    reference_scores,
+)
 
 from .conftest import random_registration
-
-
-def _naive_scores(regs: list[Registration], x: torch.Tensor) -> torch.Tensor:
-    cols = []
-    for r in regs:
-        p = {k: torch.from_numpy(v) for k, v in r.params.items()}
-        h = torch.relu(x @ p["encoder.weight"].T + p["encoder.bias"])
-        xh = torch.sigmoid(h @ p["decoder.weight"].T + p["decoder.bias"])
-        cols.append(((x - xh) ** 2).sum(1))
-    return torch.stack(cols, 1)
 
 
 @pytest.mark.parametrize("chunks", [(512, 4), (7, 3), (1, 1), (1000, 100)])
@@ -27,7 +24,7 @@ def test_batched_scores_equal_a_naive_loop(chunks):
     # Execute
     got = flt.scores(x)
     # Assert
-    torch.testing.assert_close(got, _naive_scores(regs, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, reference_scores(regs, x), rtol=1e-5, atol=1e-5)
 
 
 def test_filter_rejects_mixed_shapes_and_bad_inputs():
