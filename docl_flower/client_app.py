@@ -87,7 +87,22 @@ def _progress(user: int, cls: int, epochs: int) -> Callable[[int, float], None]:
 def train_docl(
     content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
 ) -> RecordDict:
-    """DOCL: one one-class autoencoder per class the user owns; upload parameters and stats."""
+    """DOCL: one one-class autoencoder per class the user owns; upload parameters and stats.
+
+    A user already in the saved filter replies ``skipped`` without training.
+    """
+    config = content.config_records[keys.CONFIG_RECORD]
+    registered = config.get(keys.REGISTERED_USERS, [])
+    if isinstance(registered, list) and user in registered:
+        log.info("user %d is already in the filter: nothing to train", user)
+        skipped = MetricRecord(
+            {
+                keys.USER_ID: user,
+                keys.SKIPPED: 1,
+                keys.RECEIVED_ARRAYS: len(content.array_records),
+            }
+        )
+        return RecordDict({keys.METRICS_RECORD: skipped})
     images, labels = _load(spec, node_config)
     features = spec.features_obj()
     model_spec, train_spec = spec.model_spec(), spec.train_spec()

@@ -7,6 +7,8 @@ RUN_OUT_DIR = "out-dir"
 # Server -> client (config-only message)
 CONFIG_RECORD = "config"
 SPEC = "spec"
+#: Users already in the saved filter: their clients reply "skipped" instead of training.
+REGISTERED_USERS = "registered-users"
 
 # Client -> server (one upload)
 ARRAYS_RECORD = "arrays"
@@ -19,6 +21,7 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_SECONDS = "train-seconds"
 RECEIVED_ARRAYS = "received-array-records"
 DEVICE_CUDA = "device-cuda"
+SKIPPED = "skipped"
 
 # Node config (flower-supernode --node-config / simulation engine)
 NODE_PARTITION_ID = "partition-id"

@@ -52,33 +52,45 @@ def _atomic(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
+def _entry(key: int | str, reg: Registration, extra: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "key": key,
+        "user_id": reg.user_id,
+        "label": reg.label,
+        "err_mean": reg.err_mean,
+        "err_std": reg.err_std,
+        "num_examples": reg.num_examples,
+        "sha256": content_hash(reg.params),
+        **dict(extra),
+    }
+
+
 def save_filter(
     folder: Path,
     registrations: Sequence[Registration],
     extra: Mapping[int, Mapping[str, Any]] | None = None,
     info: Mapping[str, Any] | None = None,
+    history: Sequence[tuple[Registration, Mapping[str, Any]]] = (),
 ) -> None:
-    """Write every registration (and optional per-entry ``extra`` metadata) to ``folder``."""
+    """Write every registration (and optional per-entry ``extra`` metadata) to ``folder``.
+
+    ``history`` holds replaced versions (with their metadata); they are stored under the
+    keys ``"history/{k}/..."`` and listed in ``filter.json["history"]``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, NDArray[np.float32]] = {}
     entries = []
     for k, reg in enumerate(registrations):
         for name in PARAM_NAMES:
             tensors[f"{k}/{name}"] = np.ascontiguousarray(reg.params[name], dtype=np.float32)
-        entries.append(
-            {
-                "key": k,
-                "user_id": reg.user_id,
-                "label": reg.label,
-                "err_mean": reg.err_mean,
-                "err_std": reg.err_std,
-                "num_examples": reg.num_examples,
-                "sha256": content_hash(reg.params),
-                **dict((extra or {}).get(k, {})),
-            }
-        )
+        entries.append(_entry(k, reg, (extra or {}).get(k, {})))
+    past = []
+    for k, (reg, meta_k) in enumerate(history):
+        for name in PARAM_NAMES:
+            tensors[f"history/{k}/{name}"] = np.ascontiguousarray(reg.params[name], np.float32)
+        past.append(_entry(f"history/{k}", reg, meta_k))
     _atomic(folder / TENSORS_FILE, lambda tmp: save_file(tensors, tmp))
-    meta = {"format": FORMAT_VERSION, "entries": entries, **dict(info or {})}
+    meta = {"format": FORMAT_VERSION, "entries": entries, "history": past, **dict(info or {})}
     _atomic(folder / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
 
@@ -105,3 +117,27 @@ def load_filter(folder: Path) -> tuple[list[Registration], dict[str, Any]]:
             )
         )
     return regs, meta
+
+
+def load_history(
+    folder: Path, meta: Mapping[str, Any]
+) -> list[tuple[Registration, dict[str, Any]]]:
+    """Replaced versions kept in a saved filter, with their metadata (hashes checked)."""
+    tensors = load_file(str(folder / TENSORS_FILE))
+    out = []
+    for entry in meta.get("history", []):
+        k = entry["key"]
+        params = {name: tensors[f"{k}/{name}"] for name in PARAM_NAMES}
+        if content_hash(params) != entry["sha256"]:
+            raise ValueError(f"{folder}: history entry {k} fails its hash")
+        reg = Registration(
+            int(entry["user_id"]),
+            int(entry["label"]),
+            params,
+            float(entry["err_mean"]),
+            float(entry["err_std"]),
+            int(entry["num_examples"]),
+        )
+        skip = {"key", "user_id", "label", "err_mean", "err_std", "num_examples", "sha256"}
+        out.append((reg, {a: b for a, b in entry.items() if a not in skip}))
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,6 +157,7 @@ class RegistrationOutcome:
     cuda: dict[int, bool] = field(default_factory=dict)
     nodes: dict[int, int] = field(default_factory=dict)
     registered_at: dict[int, float] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)
 
 
 class RegisterOnce(Strategy):
@@ -180,6 +181,12 @@ class RegisterOnce(Strategy):
     node_wait_s : float
         Deadline for the expected number of nodes to connect; after it the strategy goes on
         with the nodes present and reports the missing users.
+    existing_users : collection of int
+        Users already in a saved filter: their clients skip training (see
+        :data:`keys.REGISTERED_USERS`), and an upload from them is rejected unless
+        ``replace_existing``.
+    on_register : callable, optional
+        Called with the outcome after every accepted registration (to persist it at once).
     """
 
     def __init__(
@@ -187,12 +194,20 @@ class RegisterOnce(Strategy):
         assignment: Mapping[int, tuple[int, ...]],
         rules: UploadRules,
         node_wait_s: float = 120.0,
+        existing_users: Collection[int] = (),
+        replace_existing: bool = False,
+        on_register: Callable[[RegistrationOutcome], None] | None = None,
     ) -> None:
         self.assignment = dict(assignment)
         self.rules = rules
         self.node_wait_s = node_wait_s
+        self.existing_users = frozenset(existing_users)
+        self.replace_existing = replace_existing
+        self.on_register = on_register
         self.outcome = RegistrationOutcome()
         self._sent: dict[int, int] = {}
+        self._handled: set[str] = set()
+        self._rejected: dict[int, str] = {}
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -222,51 +237,68 @@ class RegisterOnce(Strategy):
             )
         return messages
 
+    def handle_reply(self, msg: Message) -> None:
+        """Validate one reply and register it.
+
+        Called as each reply arrives (through :class:`StreamingGrid`), and by
+        :meth:`aggregate_train` for any reply not handled yet.
+        """
+        key = msg.metadata.message_id or str(id(msg))
+        if key in self._handled:
+            return
+        self._handled.add(key)
+        out = self.outcome
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            out.node_errors[node] = f"code {msg.error.code}: {msg.error.reason}"
+            log.warning("node %s failed: %s", node, out.node_errors[node])
+            return
+        claimed = _claimed_user(msg)
+        metrics = msg.content.metric_records.get(keys.METRICS_RECORD)
+        if metrics is not None and metrics.get(keys.SKIPPED) and claimed in self.existing_users:
+            out.skipped[claimed] = "already in the saved filter"
+            log.info("user %d is already registered: skipped", claimed)
+            return
+        try:
+            user, regs = parse_upload(msg.content, self.assignment, self.rules)
+            if user in out.registered:
+                raise UploadError(f"user {user} is already registered")
+            if user in self.existing_users and not self.replace_existing:
+                raise UploadError(f"user {user} is already in the saved filter")
+        except UploadError as err:
+            reason = str(err)
+            if claimed is not None and claimed in self.assignment and claimed not in out.registered:
+                self._rejected[claimed] = reason
+            else:
+                out.node_errors[node] = f"rejected upload: {reason}"
+            log.warning("rejected upload from node %s: %s", node, reason)
+            return
+        out.registrations.extend(regs)
+        out.registered[user] = [r.label for r in regs]
+        out.bytes_uploaded[user] = record_bytes(msg.content)
+        out.bytes_downloaded[user] = self._sent.get(node, 0)
+        metrics = msg.content.metric_records[keys.METRICS_RECORD]
+        out.train_seconds[user] = float(metrics.get(keys.TRAIN_SECONDS, math.nan))  # type: ignore[arg-type]
+        out.received_array_records[user] = int(metrics.get(keys.RECEIVED_ARRAYS, -1))  # type: ignore[arg-type]
+        out.cuda[user] = bool(metrics.get(keys.DEVICE_CUDA, 0))
+        out.nodes[user] = node
+        out.registered_at[user] = time.time()
+        log.info("registered user %d (%d/%d)", user, len(out.registered), len(self.assignment))
+        if self.on_register is not None:
+            self.on_register(out)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and register every reply; nothing is averaged and nothing is returned."""
         out = self.outcome
-        rejected: dict[int, str] = {}
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                out.node_errors[node] = f"code {msg.error.code}: {msg.error.reason}"
-                log.warning("node %s failed: %s", node, out.node_errors[node])
-                continue
-            try:
-                user, regs = parse_upload(msg.content, self.assignment, self.rules)
-                if user in out.registered:
-                    raise UploadError(f"user {user} is already registered")
-            except UploadError as err:
-                claimed = _claimed_user(msg)
-                reason = str(err)
-                if (
-                    claimed is not None
-                    and claimed in self.assignment
-                    and claimed not in out.registered
-                ):
-                    rejected[claimed] = reason
-                else:
-                    out.node_errors[node] = f"rejected upload: {reason}"
-                log.warning("rejected upload from node %s: %s", node, reason)
-                continue
-            out.registrations.extend(regs)
-            out.registered[user] = [r.label for r in regs]
-            out.bytes_uploaded[user] = record_bytes(msg.content)
-            out.bytes_downloaded[user] = self._sent.get(node, 0)
-            metrics = msg.content.metric_records[keys.METRICS_RECORD]
-            out.train_seconds[user] = float(metrics.get(keys.TRAIN_SECONDS, math.nan))  # type: ignore[arg-type]
-            out.received_array_records[user] = int(metrics.get(keys.RECEIVED_ARRAYS, -1))  # type: ignore[arg-type]
-            out.cuda[user] = bool(metrics.get(keys.DEVICE_CUDA, 0))
-            out.nodes[user] = node
-            out.registered_at[user] = time.time()
-            log.info("registered user %d (%d/%d)", user, len(out.registered), len(self.assignment))
+            self.handle_reply(msg)
         for user in self.assignment:
-            if user in out.registered:
+            if user in out.registered or user in out.skipped:
                 continue
-            if user in rejected:
-                out.failed[user] = f"rejected: {rejected[user]}"
+            if user in self._rejected:
+                out.failed[user] = f"rejected: {self._rejected[user]}"
             else:
                 detail = "; ".join(f"node {n}: {r}" for n, r in sorted(out.node_errors.items()))
                 out.failed[user] = "no valid reply" + (
@@ -294,3 +326,38 @@ def _claimed_user(msg: Message) -> int | None:
         return int(value)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError):
         return None
+
+
+class StreamingGrid:
+    """A Grid proxy whose ``send_and_receive`` hands each reply to ``on_reply`` as it arrives.
+
+    Same contract as :meth:`flwr.serverapp.Grid.send_and_receive` (push, then pull until every
+    reply is in or the timeout passes), so the inherited :meth:`Strategy.start` drives it.
+    """
+
+    def __init__(
+        self, grid: Grid, on_reply: Callable[[Message], None], poll_s: float = 1.0
+    ) -> None:
+        self._grid = grid
+        self._on_reply = on_reply
+        self._poll_s = poll_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push, then pull replies until all are in or ``timeout`` seconds have passed."""
+        pending = {i for i in self._grid.push_messages(messages) if i}
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while pending and (timeout is None or time.monotonic() < end):
+            new = list(self._grid.pull_messages(pending))
+            for msg in new:
+                pending.discard(msg.metadata.reply_to_message_id)
+                self._on_reply(msg)
+            replies.extend(new)
+            if pending and not new:
+                time.sleep(self._poll_s)
+        return replies

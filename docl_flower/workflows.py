@@ -9,7 +9,8 @@ Flower strategy from its own ``strategy`` sub-config, so FedProx and others need
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, cast
@@ -23,10 +24,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import keys
 from .classifier import ClassifierSpec, SgdSpec, accuracy_report, predict, train_classifier
-from .filter import GlobalFilter
+from .filter import GlobalFilter, Registration
 from .metrics import evaluate
-from .store import save_filter
-from .strategy import RegisterOnce, RegistrationOutcome, UploadRules, record_bytes
+from .store import META_FILE, load_filter, load_history, save_filter
+from .strategy import (
+    RegisterOnce,
+    RegistrationOutcome,
+    StreamingGrid,
+    UploadRules,
+    record_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,42 +74,52 @@ class Docl:
     CLIENT_TASK: ClassVar[str] = "docl_flower.client_app.train_docl"
     node_wait_s: float = 120.0
     timeout_s: float = 3600.0
+    filter_path: str | None = None
+    replace_existing: bool = False
 
     def run(
         self, grid: Grid, exp: ExperimentLike, cfg: DictConfig, out_dir: Path
     ) -> dict[str, Any]:
-        """Run the register-once round and evaluate the filter on the server."""
+        """Register the users not in the saved filter yet, persist each registration, evaluate.
+
+        The filter lives in ``filter_path`` (default: ``OUT/filter``). Users already in it skip
+        training; with ``replace_existing`` they retrain, and their previous version moves to
+        the file's history.
+        """
         x_test, y_test = _test_set(exp)
         dim = int(x_test.shape[1])
         rules = UploadRules(shapes=exp.model.shapes(dim), max_error=float(dim))
-        strategy = RegisterOnce(exp.assignment, rules, node_wait_s=self.node_wait_s)
+        filter_dir = Path(self.filter_path) if self.filter_path else out_dir / "filter"
+        store = PersistentFilter(filter_dir, {"config": OmegaConf.to_container(cfg)})
+        strategy = RegisterOnce(
+            exp.assignment,
+            rules,
+            node_wait_s=self.node_wait_s,
+            existing_users=store.users,
+            replace_existing=self.replace_existing,
+            on_register=lambda outcome: store.save(outcome, exp.client_spec),
+        )
+        config = ConfigRecord({keys.SPEC: exp.client_spec.to_json()})
+        if store.users and not self.replace_existing:
+            config[keys.REGISTERED_USERS] = sorted(store.users)
         strategy.start(
-            grid=grid,
+            grid=cast(Grid, StreamingGrid(grid, strategy.handle_reply)),
             initial_arrays=ArrayRecord(),
             num_rounds=1,
             timeout=self.timeout_s,
-            train_config=ConfigRecord({keys.SPEC: exp.client_spec.to_json()}),
+            train_config=config,
         )
         outcome = strategy.outcome
-        filter_dir = out_dir / "filter"
-        if not outcome.registrations:
+        regs = store.combined(outcome)[0]
+        if not regs:
             raise RuntimeError(f"no autoencoder was registered; failures: {outcome.failed}")
-        regs = sorted(outcome.registrations, key=lambda r: (r.label, r.user_id))
-        extra = {
-            k: {
-                "node_id": outcome.nodes.get(r.user_id),
-                "registered_at": outcome.registered_at.get(r.user_id),
-                "fraction": exp.client_spec.fraction.get(r.user_id, 1.0),
-                "trained_on": sorted({r.label, *exp.client_spec.extra_classes.get(r.user_id, [])}),
-            }
-            for k, r in enumerate(regs)
-        }
-        save_filter(filter_dir, regs, extra, info={"config": OmegaConf.to_container(cfg)})
         return {
             "method": "docl",
-            **self._evaluate(exp, outcome, x_test, y_test),
+            **self._evaluate(exp, regs, x_test, y_test),
             "rounds": 1,
             "registered": sorted(outcome.registered),
+            "already_registered": sorted(outcome.skipped),
+            "filter_users": sorted({r.user_id for r in regs}),
             "registered_classes": {str(u): c for u, c in sorted(outcome.registered.items())},
             "failed": {str(u): r for u, r in sorted(outcome.failed.items())},
             "node_errors": {str(n): r for n, r in outcome.node_errors.items()},
@@ -120,11 +137,11 @@ class Docl:
     @staticmethod
     def _evaluate(
         exp: ExperimentLike,
-        outcome: RegistrationOutcome,
+        regs: Sequence[Registration],
         x_test: torch.Tensor,
         y_test: torch.Tensor,
     ) -> dict[str, Any]:
-        flt = GlobalFilter(sorted(outcome.registrations, key=lambda r: r.label), exp.scoring)
+        flt = GlobalFilter(sorted(regs, key=lambda r: r.label), exp.scoring)
         harmless = None
         if exp.harmless is not None:
             harmless = exp.features(exp.harmless.load("test")[0])
@@ -140,6 +157,68 @@ class Docl:
             "num_test_images": int(torch.isin(y_test, flt.labels).sum()),
             "num_harmless_images": None if harmless is None else int(harmless.shape[0]),
         }
+
+
+class PersistentFilter:
+    """The saved global filter of a DOCL deployment: load once, rewrite after each registration.
+
+    Registrations already in the folder stand unless a user re-registers with
+    ``replace_existing``; a replaced version is kept in the file's history.
+    """
+
+    def __init__(self, folder: Path, info: Mapping[str, Any]) -> None:
+        self.folder = folder
+        self.info = dict(info)
+        self.existing: list[tuple[Registration, dict[str, Any]]] = []
+        self.history: list[tuple[Registration, dict[str, Any]]] = []
+        if (folder / META_FILE).is_file():
+            regs, meta = load_filter(folder)
+            self.existing = [
+                (r, _entry_extra(e)) for r, e in zip(regs, meta["entries"], strict=True)
+            ]
+            self.history = load_history(folder, meta)
+            log.info("loaded %d autoencoders from %s", len(regs), folder)
+
+    @property
+    def users(self) -> set[int]:
+        """Users with an autoencoder in the saved filter."""
+        return {r.user_id for r, _ in self.existing}
+
+    def combined(
+        self, outcome: RegistrationOutcome, spec: Any = None
+    ) -> tuple[
+        list[Registration], dict[int, dict[str, Any]], list[tuple[Registration, dict[str, Any]]]
+    ]:
+        """The filter after this run's registrations: kept old ones, then the new ones."""
+        now = time.time()
+        replaced = set(outcome.registered) & self.users
+        keep = [(r, e) for r, e in self.existing if r.user_id not in replaced]
+        history = self.history + [
+            (r, {**e, "replaced_at": now}) for r, e in self.existing if r.user_id in replaced
+        ]
+        new = sorted(outcome.registrations, key=lambda r: (r.label, r.user_id))
+        regs = [r for r, _ in keep] + new
+        extra = {k: e for k, (_, e) in enumerate(keep)}
+        for k, r in enumerate(new, start=len(keep)):
+            extra[k] = {
+                "node_id": outcome.nodes.get(r.user_id),
+                "registered_at": outcome.registered_at.get(r.user_id),
+                "fraction": spec.fraction.get(r.user_id, 1.0) if spec else 1.0,
+                "trained_on": sorted(
+                    {r.label, *(spec.extra_classes.get(r.user_id, []) if spec else [])}
+                ),
+            }
+        return regs, extra, history
+
+    def save(self, outcome: RegistrationOutcome, spec: Any) -> None:
+        """Atomically rewrite the folder with every registration so far."""
+        regs, extra, history = self.combined(outcome, spec)
+        save_filter(self.folder, regs, extra, info=self.info, history=history)
+
+
+def _entry_extra(entry: Mapping[str, Any]) -> dict[str, Any]:
+    skip = {"key", "user_id", "label", "err_mean", "err_std", "num_examples", "sha256"}
+    return {k: v for k, v in entry.items() if k not in skip}
 
 
 # ------------------------------------------------------------------ FedAvg family

@@ -115,3 +115,32 @@ def test_fedavg_family_baseline_runs_end_to_end(tiny_root, tmp_path, strategy):
     assert results["bytes_downloaded"] == {str(u): 2 * model_bytes for u in range(3)}
     assert results["bytes_uploaded"] == {str(u): 2 * model_bytes for u in range(3)}
     assert results["receives_others_parameters"] is True
+
+
+def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root, tmp_path):
+    # Prepare: users 0 and 1 register into a persistent filter.
+    shared = tmp_path / "filter"
+    first = run_cli(
+        *small_run_args(tiny_root, tmp_path / "run1", users=2), f"strategy.filter_path={shared}"
+    )
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = {
+        e["user_id"]: e["sha256"]
+        for e in json.loads((shared / "filter.json").read_text())["entries"]
+    }
+    # Execute: a later run with a third user.
+    second = run_cli(
+        *small_run_args(tiny_root, tmp_path / "run2", users=3), f"strategy.filter_path={shared}"
+    )
+    # Assert
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    results = json.loads((tmp_path / "run2" / "results.json").read_text())
+    assert results["registered"] == [2]
+    assert results["already_registered"] == [0, 1]
+    assert results["filter_users"] == [0, 1, 2]
+    assert results["failed"] == {}
+    after = {
+        e["user_id"]: e["sha256"]
+        for e in json.loads((shared / "filter.json").read_text())["entries"]
+    }
+    assert {u: after[u] for u in (0, 1)} == before and 2 in after

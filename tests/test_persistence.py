@@ -1,0 +1,93 @@
+"""The saved filter grows as users join; replaced versions go to its history."""
+
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+
+from docl_flower import keys
+from docl_flower.store import content_hash, load_filter, load_history
+from docl_flower.strategy import RegisterOnce, RegistrationOutcome, StreamingGrid
+from docl_flower.workflows import PersistentFilter
+
+from .conftest import random_registration
+from .test_strategy import ASSIGNMENT, RULES, reply, upload
+
+
+def _outcome(regs) -> RegistrationOutcome:
+    out = RegistrationOutcome()
+    for r in regs:
+        out.registrations.append(r)
+        out.registered[r.user_id] = [r.label]
+    return out
+
+
+def test_new_users_join_and_old_registrations_stay_byte_identical(tmp_path):
+    rng = np.random.default_rng(0)
+    first = [random_registration(rng, u, u) for u in (0, 1)]
+    PersistentFilter(tmp_path, {}).save(_outcome(first), None)
+    before = {e["user_id"]: e["sha256"] for e in load_filter(tmp_path)[1]["entries"]}
+    # A later run: user 2 joins.
+    store = PersistentFilter(tmp_path, {})
+    assert store.users == {0, 1}
+    store.save(_outcome([random_registration(rng, 2, 2)]), None)
+    regs, meta = load_filter(tmp_path)
+    assert sorted(r.user_id for r in regs) == [0, 1, 2]
+    after = {e["user_id"]: e["sha256"] for e in meta["entries"]}
+    assert {u: after[u] for u in (0, 1)} == before
+    assert meta["history"] == []
+
+
+def test_replacing_a_user_keeps_the_previous_version_in_history(tmp_path):
+    rng = np.random.default_rng(0)
+    old = random_registration(rng, 0, 0)
+    PersistentFilter(tmp_path, {}).save(_outcome([old, random_registration(rng, 1, 1)]), None)
+    new = random_registration(rng, 0, 0)
+    PersistentFilter(tmp_path, {}).save(_outcome([new]), None)
+    regs, meta = load_filter(tmp_path)
+    current = {r.user_id: content_hash(r.params) for r in regs}
+    assert current[0] == content_hash(new.params) and len(regs) == 2
+    ((past, info),) = load_history(tmp_path, meta)
+    assert past.user_id == 0 and content_hash(past.params) == content_hash(old.params)
+    assert "replaced_at" in info
+
+
+def test_users_in_the_saved_filter_skip_and_cannot_overwrite_by_default():
+    skipped = RecordDict({keys.METRICS_RECORD: MetricRecord({keys.USER_ID: 0, keys.SKIPPED: 1})})
+    strat = RegisterOnce(ASSIGNMENT, RULES, existing_users={0, 1})
+    strat.aggregate_train(1, [reply(skipped, 10), reply(upload(1), 11), reply(upload(2), 12)])
+    out = strat.outcome
+    assert out.skipped == {0: "already in the saved filter"}
+    assert sorted(out.registered) == [2]
+    assert "already in the saved filter" in out.failed[1]
+    assert 0 not in out.failed
+    replacing = RegisterOnce(ASSIGNMENT, RULES, existing_users={1}, replace_existing=True)
+    replacing.aggregate_train(1, [reply(upload(1), 11)])
+    assert sorted(replacing.outcome.registered) == [1]
+
+
+def test_streaming_grid_hands_over_each_reply_as_it_arrives():
+    seen: list[int] = []
+    calls: list[list[int]] = []
+
+    def make(node: int) -> Mock:
+        m = Mock(spec=Message)
+        m.metadata.reply_to_message_id = f"m{node}"
+        m.metadata.src_node_id = node
+        return m
+
+    inner = Mock()
+    inner.push_messages.return_value = ["m1", "m2"]
+    batches = [[make(1)], [], [make(2)]]
+    inner.pull_messages.side_effect = lambda ids: batches.pop(0)
+
+    def on_reply(msg: Mock) -> None:
+        seen.append(msg.metadata.src_node_id)
+        calls.append(list(seen))
+
+    grid = StreamingGrid(inner, on_reply, poll_s=0.0)
+    replies = list(grid.send_and_receive([Mock(), Mock()], timeout=5.0))
+    assert [r.metadata.src_node_id for r in replies] == [1, 2]
+    assert calls == [[1], [1, 2]]  # node 1 was handled before node 2 had answered
