@@ -79,8 +79,10 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     for name, r in rows.items():
         label = RUNS[name][0]
         if "accuracy_curve" in r and name != "centralised":
-            xs = [max(p["bytes_per_user"], 1.0) / 1e6 for p in r["accuracy_curve"]]
-            ax.plot(xs, [p["accuracy"] for p in r["accuracy_curve"]], marker=".", label=label)
+            # Round 0 (the initial model, nothing sent yet) has no place on a log axis.
+            pts = [p for p in r["accuracy_curve"] if p["bytes_per_user"] > 0]
+            xs = [p["bytes_per_user"] / 1e6 for p in pts]
+            ax.plot(xs, [p["accuracy"] for p in pts], marker=".", label=label)
         else:
             total = (_mean(r["bytes_uploaded"]) + _mean(r["bytes_downloaded"])) / 1e6
             ax.scatter([total], [r["overall_accuracy"]], s=80, marker="*", label=label, zorder=3)
