@@ -267,10 +267,10 @@ def plot(a: dict[str, Any], out: Path) -> list[Path]:
             xticks=range(len(reduced)),
             xticklabels=[f"u{c}" for c in reduced],
             ylabel="per-class accuracy",
-            ylim=(0.5, 1.0),
+            ylim=(0.0, 1.0),
         )
         ax.set_title("Imbalance: reduced users keep a fraction of their images")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, -0.3))
         save(fig, "imbalance.png")
     return paths
 
