@@ -94,29 +94,39 @@ def save_filter(
     _atomic(folder / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
 
+#: Keys of an entry that describe the registration itself (the rest is free metadata).
+ENTRY_KEYS = frozenset({"key", "user_id", "label", "err_mean", "err_std", "num_examples", "sha256"})
+
+
+def entry_extra(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The free metadata of an entry (node id, registration time, ...)."""
+    return {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+
+
+def _registration(
+    folder: Path, tensors: Mapping[str, NDArray[np.float32]], entry: Mapping[str, Any]
+) -> Registration:
+    k = entry["key"]
+    params = {name: tensors[f"{k}/{name}"] for name in PARAM_NAMES}
+    if content_hash(params) != entry["sha256"]:
+        raise ValueError(f"{folder}: entry {k} (user {entry['user_id']}) fails its hash")
+    return Registration(
+        int(entry["user_id"]),
+        int(entry["label"]),
+        params,
+        float(entry["err_mean"]),
+        float(entry["err_std"]),
+        int(entry["num_examples"]),
+    )
+
+
 def load_filter(folder: Path) -> tuple[list[Registration], dict[str, Any]]:
     """Read a saved filter and verify every content hash; return registrations and metadata."""
     meta: dict[str, Any] = json.loads((folder / META_FILE).read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{folder}: unknown filter format {meta.get('format')!r}")
     tensors = load_file(str(folder / TENSORS_FILE))
-    regs = []
-    for entry in meta["entries"]:
-        k = entry["key"]
-        params = {name: tensors[f"{k}/{name}"] for name in PARAM_NAMES}
-        if content_hash(params) != entry["sha256"]:
-            raise ValueError(f"{folder}: entry {k} (user {entry['user_id']}) fails its hash")
-        regs.append(
-            Registration(
-                int(entry["user_id"]),
-                int(entry["label"]),
-                params,
-                float(entry["err_mean"]),
-                float(entry["err_std"]),
-                int(entry["num_examples"]),
-            )
-        )
-    return regs, meta
+    return [_registration(folder, tensors, e) for e in meta["entries"]], meta
 
 
 def load_history(
@@ -124,20 +134,4 @@ def load_history(
 ) -> list[tuple[Registration, dict[str, Any]]]:
     """Replaced versions kept in a saved filter, with their metadata (hashes checked)."""
     tensors = load_file(str(folder / TENSORS_FILE))
-    out = []
-    for entry in meta.get("history", []):
-        k = entry["key"]
-        params = {name: tensors[f"{k}/{name}"] for name in PARAM_NAMES}
-        if content_hash(params) != entry["sha256"]:
-            raise ValueError(f"{folder}: history entry {k} fails its hash")
-        reg = Registration(
-            int(entry["user_id"]),
-            int(entry["label"]),
-            params,
-            float(entry["err_mean"]),
-            float(entry["err_std"]),
-            int(entry["num_examples"]),
-        )
-        skip = {"key", "user_id", "label", "err_mean", "err_std", "num_examples", "sha256"}
-        out.append((reg, {a: b for a, b in entry.items() if a not in skip}))
-    return out
+    return [(_registration(folder, tensors, e), entry_extra(e)) for e in meta.get("history", [])]

@@ -26,7 +26,7 @@ from . import keys
 from .classifier import ClassifierSpec, SgdSpec, accuracy_report, predict, train_classifier
 from .filter import GlobalFilter, Registration
 from .metrics import evaluate
-from .store import META_FILE, load_filter, load_history, save_filter
+from .store import META_FILE, entry_extra, load_filter, load_history, save_filter
 from .strategy import (
     RegisterOnce,
     RegistrationOutcome,
@@ -174,7 +174,7 @@ class PersistentFilter:
         if (folder / META_FILE).is_file():
             regs, meta = load_filter(folder)
             self.existing = [
-                (r, _entry_extra(e)) for r, e in zip(regs, meta["entries"], strict=True)
+                (r, entry_extra(e)) for r, e in zip(regs, meta["entries"], strict=True)
             ]
             self.history = load_history(folder, meta)
             log.info("loaded %d autoencoders from %s", len(regs), folder)
@@ -214,11 +214,6 @@ class PersistentFilter:
         """Atomically rewrite the folder with every registration so far."""
         regs, extra, history = self.combined(outcome, spec)
         save_filter(self.folder, regs, extra, info=self.info, history=history)
-
-
-def _entry_extra(entry: Mapping[str, Any]) -> dict[str, Any]:
-    skip = {"key", "user_id", "label", "err_mean", "err_std", "num_examples", "sha256"}
-    return {k: v for k, v in entry.items() if k not in skip}
 
 
 # ------------------------------------------------------------------ FedAvg family
