@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint bench report recipes figures compare clean
+.PHONY: run test lint bench report recipes figures compare deploy-demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ figures: $(STAMP)
 # DOCL vs FedAvg / FedProx (one class per user and IID) vs centralised: table + plot.
 compare: $(STAMP)
 	$(BIN)/python scripts/compare.py --out comparison $(COMPARE_ARGS)
+
+# A local deployment (SuperLink + 10 SuperNodes on 127.0.0.1, TLS + SuperNode auth).
+deploy-demo: $(STAMP)
+	$(BIN)/python scripts/deploy_demo.py --users 10 --out deploy $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_filter.py

@@ -153,9 +153,11 @@ def write_connection(flwr_home: Path, control_address: str) -> None:
     (flwr_home / "config.toml").write_text(text, encoding="utf-8")
 
 
-def run_status(flwr_home: Path, run_id: int | None) -> tuple[int, str]:
+def run_status(
+    flwr_home: Path, run_id: int | None, connection: str = CONNECTION
+) -> tuple[int, str]:
     """Return ``(run_id, status)`` of the given run, or of the latest run when ``None``."""
-    cmd = [_bin("flwr"), "list", CONNECTION, "--format", "json"]
+    cmd = [_bin("flwr"), "list", connection, "--format", "json"]
     if run_id is not None:
         cmd += ["--run-id", str(run_id)]
     out = subprocess.run(

@@ -144,3 +144,38 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
         for e in json.loads((shared / "filter.json").read_text())["entries"]
     }
     assert {u: after[u] for u in (0, 1)} == before and 2 in after
+
+
+def test_local_deployment_with_tls_and_node_auth(tiny_root, tmp_path):
+    # Execute: SuperLink + 3 SuperNodes on loopback, the same apps as in simulation.
+    script = Path(__file__).resolve().parent.parent / "scripts" / "deploy_demo.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--users",
+            "3",
+            "--out",
+            str(tmp_path / "deploy"),
+            f"data_root={tiny_root}",
+            "dataset.verify=false",
+            "dataset.harmless.verify=false",
+            "train.epochs=10",
+            "train.batch_size=16",
+            "train.min_steps=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "deploy" / "run" / "results.json").read_text())
+    assert results["registered"] == [0, 1, 2] and results["failed"] == {}
+    assert results["bytes_downloaded"] == {"0": 0, "1": 0, "2": 0}
+    log = (tmp_path / "deploy" / "superlink.log").read_text()
+    assert "https://" in log and log.count("RegisterNode] Created node_id") == 3
+    # Every process the demo started has been stopped.
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "deploy")], capture_output=True)
+    assert leftover.stdout == b""
