@@ -166,8 +166,16 @@ def main() -> None:
     start_time = time.time()
     try:
         # The experiment, resolved once (same config groups as `docl-flower`).
+        # All SuperNodes share this machine's cores: one torch thread each unless overridden.
+        threads = (
+            []
+            if any(o.startswith("train.num_threads") for o in args.overrides)
+            else ["train.num_threads=1"]
+        )
         with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"num_users={args.users}", *args.overrides])
+            cfg = compose(
+                "config", overrides=[f"num_users={args.users}", *threads, *args.overrides]
+            )
         exp = build_experiment(cfg)
         run_dir = out / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
