@@ -7,12 +7,11 @@ plain numbers, so that plots are made from JSON by ``scripts/figures.py`` only.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .filter import OUTSIDER, GlobalFilter, Guard, Registration, ScoringConfig
+from .filter import GlobalFilter, Guard, Registration, ScoringConfig
 from .metrics import acceptance_rate, auroc, guarded_accuracy, per_class_accuracy
 
 GuardFactory = Callable[[float], Guard]
@@ -127,24 +126,9 @@ def scalability(
     return out
 
 
-@dataclass(frozen=True)
-class ImbalanceResult:
-    """Per-class accuracy of the filter when the listed users keep only a fraction of images."""
-
-    fraction: float
-    reduced_labels: list[int]
-    per_class_accuracy: dict[int, float]
-    overall_accuracy: float
-
-
 def swap_in(
     honest: Sequence[Registration], replacements: Sequence[Registration]
 ) -> list[Registration]:
     """Replace the honest autoencoder of each replacement's label."""
     by_label = {r.label: r for r in replacements}
     return [by_label.get(r.label, r) for r in honest]
-
-
-def outsider_block_rate(flt: GlobalFilter, guard: Guard, scores: torch.Tensor) -> float:
-    """Fraction of images blocked when uploaded by a third party."""
-    return float(guard.block(flt, scores, OUTSIDER).double().mean())

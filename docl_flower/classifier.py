@@ -6,9 +6,7 @@ and are trained with SGD; ``proximal_mu > 0`` adds FedProx's proximal term.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -135,18 +133,3 @@ def accuracy_report(pred: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[in
         int(c): float((pred[y == c] == c).double().mean()) for c in torch.unique(y).tolist()
     }
     return overall, per_class
-
-
-def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Parameter bytes of a state dict."""
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def param_count(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def epochs_to_steps(n: int, spec: SgdSpec) -> int:
-    """SGD steps one client takes per round."""
-    return spec.epochs * math.ceil(n / spec.batch_size)

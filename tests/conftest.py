@@ -23,6 +23,25 @@ def random_registration(
     return Registration(user, label, params, err_mean=1.0 + user, err_std=0.5, num_examples=10)
 
 
+def trained_registration(
+    x, user: int, label: int, epochs: int, seed: int = 0, hidden: int = 8, std_scale: float = 1.0
+) -> Registration:
+    """A small autoencoder trained on ``x`` with its error statistics."""
+    from docl_flower.model import (
+        TrainSpec,
+        error_stats,
+        reconstruction_errors,
+        state_to_numpy,
+        train_autoencoder,
+    )
+
+    model, _ = train_autoencoder(
+        x, AutoencoderSpec(hidden=hidden), TrainSpec(epochs=epochs, batch_size=16), seed
+    )
+    mu, sd = error_stats(reconstruction_errors(model, x))
+    return Registration(user, label, state_to_numpy(model), mu, std_scale * sd, len(x))
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a gzip IDX file (uint8 data)."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)

@@ -9,16 +9,9 @@ from PIL import Image
 
 from docl_flower.data import IdxDataset, class_indices
 from docl_flower.features import Identity
-from docl_flower.filter import Registration
-from docl_flower.model import (
-    AutoencoderSpec,
-    TrainSpec,
-    error_stats,
-    reconstruction_errors,
-    state_to_numpy,
-    train_autoencoder,
-)
 from docl_flower.store import save_filter
+
+from .conftest import trained_registration
 
 CLI = str(Path(sys.executable).parent / "docl-flower")
 
@@ -26,14 +19,12 @@ CLI = str(Path(sys.executable).parent / "docl-flower")
 def test_filter_check_decides_per_image(tiny_root, tmp_path):
     # Prepare: a two-user filter (digits 0 and 1) and four test images.
     images, labels = IdxDataset("mnist", str(tiny_root / "mnist"), verify=False).load("train")
-    regs = []
-    for user in (0, 1):
-        x = Identity()(images[class_indices(labels, user)])
-        model, _ = train_autoencoder(
-            x, AutoencoderSpec(hidden=8), TrainSpec(epochs=30, batch_size=16), 0
+    regs = [
+        trained_registration(
+            Identity()(images[class_indices(labels, u)]), u, u, epochs=30, std_scale=3.0
         )
-        mu, sd = error_stats(reconstruction_errors(model, x))
-        regs.append(Registration(user, user, state_to_numpy(model), mu, 3 * sd, len(x)))
+        for u in (0, 1)
+    ]
     info = {
         "config": {
             "features": {"_target_": "docl_flower.features.Identity"},

@@ -12,31 +12,14 @@ from omegaconf import OmegaConf
 
 from docl_flower.data import IdxDataset, class_indices
 from docl_flower.features import Deskew
-from docl_flower.filter import Registration
-from docl_flower.model import (
-    AutoencoderSpec,
-    TrainSpec,
-    error_stats,
-    reconstruction_errors,
-    state_to_numpy,
-    train_autoencoder,
-)
 from docl_flower.store import save_filter
 
-from .conftest import PROJECT_ROOT
+from .conftest import PROJECT_ROOT, trained_registration
 
 spec = importlib.util.spec_from_file_location("figures", PROJECT_ROOT / "scripts" / "figures.py")
 assert spec is not None and spec.loader is not None
 figures = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(figures)
-
-
-def _train(x, seed: int, user: int, label: int, n: int) -> Registration:
-    model, _ = train_autoencoder(
-        x, AutoencoderSpec(hidden=8), TrainSpec(epochs=3, batch_size=16), seed
-    )
-    mu, sd = error_stats(reconstruction_errors(model, x))
-    return Registration(user, label, state_to_numpy(model), mu, sd, n)
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +41,16 @@ def saved_runs(tiny_root, tmp_path_factory):
     extra_adv, extra_imb = {}, {}
     for c in range(3):
         idx = class_indices(labels, c)
-        honest.append(_train(feats(images[idx]), c, c, c, len(idx)))
+        honest.append(trained_registration(feats(images[idx]), c, c, 3, seed=c))
         for v in range(3):
             if v != c:
                 both = np.concatenate([idx, class_indices(labels, v)])
                 extra_adv[len(adv)] = {"trained_on": sorted({c, v})}
-                adv.append(_train(feats(images[both]), 10 + v, len(adv), c, len(both)))
+                adv.append(trained_registration(feats(images[both]), len(adv), c, 3, seed=10 + v))
         for frac in (0.1, 0.5):
             few = class_indices(labels, c, frac, seed=1)
             extra_imb[len(imb)] = {"fraction": frac}
-            imb.append(_train(feats(images[few]), 20, len(imb), c, len(few)))
+            imb.append(trained_registration(feats(images[few]), len(imb), c, 3, seed=20))
     for name, regs, extra in (
         ("honest", honest, None),
         ("adv", adv, extra_adv),
