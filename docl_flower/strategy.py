@@ -6,11 +6,13 @@ fake replies without a running Flower app.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -131,15 +133,39 @@ def parse_upload(
     return user, registrations
 
 
-def wait_for_nodes(grid: Grid, expected: int, deadline_s: float, poll_s: float = 1.0) -> list[int]:
-    """Wait until ``expected`` nodes are connected or the deadline passes; return those present."""
+def wait_for_nodes(
+    grid: Grid,
+    expected: int,
+    deadline_s: float,
+    poll_s: float = 1.0,
+    required: Collection[int] | None = None,
+) -> list[int]:
+    """Wait until ``expected`` nodes (or every node in ``required``) are connected.
+
+    Returns the nodes present when that happens or when the deadline passes.
+    """
     start = time.monotonic()
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= expected or time.monotonic() - start >= deadline_s:
+        done = set(required) <= set(nodes) if required is not None else len(nodes) >= expected
+        if done or time.monotonic() - start >= deadline_s:
             return nodes
         log.info("Waiting for nodes: %d/%d connected", len(nodes), expected)
         time.sleep(poll_s)
+
+
+def load_bindings(path: str | Path) -> dict[int, int]:
+    """Read the operator's node -> user bindings: a JSON object ``{"<node id>": user id}``."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read node bindings {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"node bindings {path}: expected a JSON object node id -> user id")
+    try:
+        return {int(node): int(user) for node, user in raw.items()}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"node bindings {path}: node and user ids must be integers") from err
 
 
 @dataclass
@@ -156,6 +182,7 @@ class RegistrationOutcome:
     received_array_records: dict[int, int] = field(default_factory=dict)
     cuda: dict[int, bool] = field(default_factory=dict)
     nodes: dict[int, int] = field(default_factory=dict)
+    unbound_nodes: list[int] = field(default_factory=list)
     registered_at: dict[int, float] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)
 
@@ -187,6 +214,12 @@ class RegisterOnce(Strategy):
         ``replace_existing``.
     on_register : callable, optional
         Called with the outcome after every accepted registration (to persist it at once).
+    bindings : mapping, optional
+        Node id -> the user that node may register (set by the operator when it registers the
+        node's key). With bindings, only bound nodes get a message, the strategy waits for
+        exactly those nodes, and an upload that claims any other user than its node's is
+        rejected, so a node can neither register nor overwrite another user's autoencoder.
+        Without bindings (simulation) a node's user is the one its node config names.
     """
 
     def __init__(
@@ -197,6 +230,7 @@ class RegisterOnce(Strategy):
         existing_users: Collection[int] = (),
         replace_existing: bool = False,
         on_register: Callable[[RegistrationOutcome], None] | None = None,
+        bindings: Mapping[int, int] | None = None,
     ) -> None:
         self.assignment = dict(assignment)
         self.rules = rules
@@ -204,6 +238,7 @@ class RegisterOnce(Strategy):
         self.existing_users = frozenset(existing_users)
         self.replace_existing = replace_existing
         self.on_register = on_register
+        self.bindings = dict(bindings) if bindings is not None else None
         self.outcome = RegistrationOutcome()
         self._sent: dict[int, int] = {}
         self._handled: set[str] = set()
@@ -222,7 +257,15 @@ class RegisterOnce(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One config-only message per connected node; ``arrays`` is never sent."""
-        nodes = wait_for_nodes(grid, len(self.assignment), self.node_wait_s)
+        if self.bindings is None:
+            nodes = wait_for_nodes(grid, len(self.assignment), self.node_wait_s)
+        else:
+            bound = {n for n, u in self.bindings.items() if u in self.assignment}
+            present = wait_for_nodes(grid, len(bound), self.node_wait_s, required=bound)
+            self.outcome.unbound_nodes = [n for n in present if n not in self.bindings]
+            for n in self.outcome.unbound_nodes:
+                log.warning("node %s is not bound to any user: it gets no message", n)
+            nodes = [n for n in present if n in bound]
         log.info(
             "configure_train: %d nodes connected, %d users expected",
             len(nodes),
@@ -237,11 +280,13 @@ class RegisterOnce(Strategy):
             )
         return messages
 
-    def handle_reply(self, msg: Message) -> None:
+    def handle_reply(self, msg: Message, dst_node: int | None = None) -> None:
         """Validate one reply and register it.
 
-        Called as each reply arrives (through :class:`StreamingGrid`), and by
-        :meth:`aggregate_train` for any reply not handled yet.
+        Called as each reply arrives (through :class:`StreamingGrid`, which passes the node
+        the answered message went to), and by :meth:`aggregate_train` for any reply not
+        handled yet. An error reply is reported against that node (Flower's own error replies,
+        e.g. for a node that stopped sending heartbeats, come from the SuperLink).
         """
         key = msg.metadata.message_id or str(id(msg))
         if key in self._handled:
@@ -250,16 +295,26 @@ class RegisterOnce(Strategy):
         out = self.outcome
         node = msg.metadata.src_node_id
         if msg.has_error():
+            node = dst_node if dst_node is not None else node
             out.node_errors[node] = f"code {msg.error.code}: {msg.error.reason}"
             log.warning("node %s failed: %s", node, out.node_errors[node])
             return
         claimed = _claimed_user(msg)
+        # The user this reply answers for: the node's bound user, else the one it claims.
+        owner = claimed if self.bindings is None else self.bindings.get(node)
         metrics = msg.content.metric_records.get(keys.METRICS_RECORD)
-        if metrics is not None and metrics.get(keys.SKIPPED) and claimed in self.existing_users:
+        skipping = metrics is not None and metrics.get(keys.SKIPPED)
+        if skipping and claimed is not None and claimed == owner and claimed in self.existing_users:
             out.skipped[claimed] = "already in the saved filter"
             log.info("user %d is already registered: skipped", claimed)
             return
         try:
+            if self.bindings is not None and claimed != owner:
+                raise UploadError(
+                    f"node {node} is bound to user {owner}, its upload claims user {claimed}"
+                    if owner is not None
+                    else f"node {node} is not bound to any user"
+                )
             user, regs = parse_upload(msg.content, self.assignment, self.rules)
             if user in out.registered:
                 raise UploadError(f"user {user} is already registered")
@@ -267,8 +322,9 @@ class RegisterOnce(Strategy):
                 raise UploadError(f"user {user} is already in the saved filter")
         except UploadError as err:
             reason = str(err)
-            if claimed is not None and claimed in self.assignment and claimed not in out.registered:
-                self._rejected[claimed] = reason
+            if owner is not None and owner in self.assignment and owner not in out.registered:
+                earlier = self._rejected.get(owner)
+                self._rejected[owner] = f"{earlier}; {reason}" if earlier else reason
             else:
                 out.node_errors[node] = f"rejected upload: {reason}"
             log.warning("rejected upload from node %s: %s", node, reason)
@@ -299,6 +355,15 @@ class RegisterOnce(Strategy):
                 continue
             if user in self._rejected:
                 out.failed[user] = f"rejected: {self._rejected[user]}"
+            elif self.bindings is not None:
+                mine = sorted(n for n, u in self.bindings.items() if u == user)
+                out.failed[user] = "no valid reply: " + (
+                    "; ".join(
+                        f"node {n}: {out.node_errors.get(n, 'not connected or no reply')}"
+                        for n in mine
+                    )
+                    or "no node is bound to this user"
+                )
             else:
                 detail = "; ".join(f"node {n}: {r}" for n, r in sorted(out.node_errors.items()))
                 out.failed[user] = "no valid reply" + (
@@ -336,7 +401,7 @@ class StreamingGrid:
     """
 
     def __init__(
-        self, grid: Grid, on_reply: Callable[[Message], None], poll_s: float = 1.0
+        self, grid: Grid, on_reply: Callable[[Message, int | None], None], poll_s: float = 1.0
     ) -> None:
         self._grid = grid
         self._on_reply = on_reply
@@ -348,15 +413,21 @@ class StreamingGrid:
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push, then pull replies until all are in or ``timeout`` seconds have passed."""
-        pending = {i for i in self._grid.push_messages(messages) if i}
+        """Push, then pull replies until all are in or ``timeout`` seconds have passed.
+
+        ``on_reply`` gets each reply and the node its message was sent to.
+        """
+        msgs = list(messages)
+        ids = list(self._grid.push_messages(msgs))
+        dst = {i: m.metadata.dst_node_id for i, m in zip(ids, msgs, strict=True) if i}
+        pending = set(dst)
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while pending and (timeout is None or time.monotonic() < end):
             new = list(self._grid.pull_messages(pending))
             for msg in new:
                 pending.discard(msg.metadata.reply_to_message_id)
-                self._on_reply(msg)
+                self._on_reply(msg, dst.get(msg.metadata.reply_to_message_id))
             replies.extend(new)
             if pending and not new:
                 time.sleep(self._poll_s)

@@ -32,6 +32,7 @@ from .strategy import (
     RegistrationOutcome,
     StreamingGrid,
     UploadRules,
+    load_bindings,
     record_bytes,
 )
 
@@ -76,6 +77,7 @@ class Docl:
     timeout_s: float = 3600.0
     filter_path: str | None = None
     replace_existing: bool = False
+    bindings_path: str | None = None
 
     def run(
         self, grid: Grid, exp: ExperimentLike, cfg: DictConfig, out_dir: Path
@@ -84,8 +86,10 @@ class Docl:
 
         The filter lives in ``filter_path`` (default: ``OUT/filter``). Users already in it skip
         training; with ``replace_existing`` they retrain, and their previous version moves to
-        the file's history.
+        the file's history. With ``bindings_path`` (the operator's node -> user JSON), a node
+        may only register the user it is bound to.
         """
+        bindings = load_bindings(self.bindings_path) if self.bindings_path else None
         x_test, y_test = _test_set(exp)
         dim = int(x_test.shape[1])
         rules = UploadRules(shapes=exp.model.shapes(dim), max_error=float(dim))
@@ -98,6 +102,7 @@ class Docl:
             existing_users=store.users,
             replace_existing=self.replace_existing,
             on_register=lambda outcome: store.save(outcome, exp.client_spec),
+            bindings=bindings,
         )
         config = ConfigRecord({keys.SPEC: exp.client_spec.to_json()})
         if store.users and not self.replace_existing:
@@ -123,6 +128,8 @@ class Docl:
             "registered_classes": {str(u): c for u, c in sorted(outcome.registered.items())},
             "failed": {str(u): r for u, r in sorted(outcome.failed.items())},
             "node_errors": {str(n): r for n, r in outcome.node_errors.items()},
+            "bindings_enforced": bindings is not None,
+            "unbound_nodes": outcome.unbound_nodes,
             "bytes_uploaded": {str(u): b for u, b in sorted(outcome.bytes_uploaded.items())},
             "bytes_downloaded": {str(u): b for u, b in sorted(outcome.bytes_downloaded.items())},
             "received_array_records": {

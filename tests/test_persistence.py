@@ -83,11 +83,14 @@ def test_streaming_grid_hands_over_each_reply_as_it_arrives():
     batches = [[make(1)], [], [make(2)]]
     inner.pull_messages.side_effect = lambda ids: batches.pop(0)
 
-    def on_reply(msg: Mock) -> None:
+    def on_reply(msg: Mock, dst_node: int | None) -> None:
         seen.append(msg.metadata.src_node_id)
         calls.append(list(seen))
+        assert dst_node == 10 * msg.metadata.src_node_id
 
+    sent = [Mock(), Mock()]
+    sent[0].metadata.dst_node_id, sent[1].metadata.dst_node_id = 10, 20
     grid = StreamingGrid(inner, on_reply, poll_s=0.0)
-    replies = list(grid.send_and_receive([Mock(), Mock()], timeout=5.0))
+    replies = list(grid.send_and_receive(sent, timeout=5.0))
     assert [r.metadata.src_node_id for r in replies] == [1, 2]
     assert calls == [[1], [1, 2]]  # node 1 was handled before node 2 had answered

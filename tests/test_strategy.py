@@ -153,3 +153,82 @@ def test_configure_train_sends_config_only_messages(monkeypatch):
 
 def test_wait_for_nodes_returns_after_the_deadline():
     assert strategy.wait_for_nodes(FakeGrid([1]), expected=3, deadline_s=0.0) == [1]
+
+
+# ------------------------------------------------------------------ node -> user bindings
+BINDINGS = {100 + u: u for u in ASSIGNMENT}  # node 100 + u may register user u only
+
+
+def test_a_bound_node_cannot_register_or_overwrite_another_user():
+    # Prepare: node 103 (bound to user 3) claims user 0, before and after user 0 registers;
+    # user 4 is already in the saved filter and replacements are allowed.
+    strat = RegisterOnce(
+        ASSIGNMENT, RULES, bindings=BINDINGS, existing_users={4}, replace_existing=True
+    )
+    claim_0 = upload(3, classes=[0], user_id=0)
+    claim_4 = upload(3, classes=[4, 5], user_id=4)
+    # Execute
+    strat.aggregate_train(
+        1,
+        [reply(claim_0, 103), reply(upload(0), 100), reply(claim_4, 103), reply(upload(1), 101)],
+    )
+    # Assert: the victims' registrations stand; the claims count against node 103's user.
+    out = strat.outcome
+    assert sorted(out.registered) == [0, 1]
+    assert out.registrations[0].user_id == 0 and out.nodes[0] == 100
+    assert "node 103 is bound to user 3, its upload claims user 0" in out.failed[3]
+    assert 4 not in out.registered
+    assert out.failed[2].startswith("no valid reply: node 102")
+
+
+def test_an_error_reply_from_the_superlink_is_reported_against_the_dead_node():
+    # Flower answers for a node that stopped sending heartbeats; the reply's source is not it.
+    strat = RegisterOnce(ASSIGNMENT, RULES, bindings=BINDINGS)
+    strat.handle_reply(reply(None, 1, error="Node Unavailable"), dst_node=103)
+    strat.aggregate_train(1, [reply(upload(u), 100 + u) for u in (0, 1, 2, 4)])
+    assert sorted(strat.outcome.registered) == [0, 1, 2, 4]
+    assert strat.outcome.failed == {3: "no valid reply: node 103: code 5: Node Unavailable"}
+
+
+def test_an_unbound_node_gets_no_message_and_cannot_register(monkeypatch):
+    monkeypatch.setattr(strategy, "Message", lambda content, dst_node_id, message_type: dst_node_id)
+    strat = RegisterOnce({0: (0,), 1: (1,)}, RULES, node_wait_s=0.0, bindings={7: 0, 8: 1})
+    sent = strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([7, 8, 9]))
+    assert list(sent) == [7, 8]
+    assert strat.outcome.unbound_nodes == [9]
+    strat.aggregate_train(1, [reply(upload(0), 9)])
+    assert strat.outcome.registered == {}
+    assert "node 9 is not bound to any user" in strat.outcome.node_errors[9]
+
+
+def test_wait_for_nodes_waits_for_the_bound_nodes_not_a_count():
+    grid = FakeGrid([1, 2, 3])
+    assert strategy.wait_for_nodes(grid, 2, deadline_s=0.0, required={1, 4}) == [1, 2, 3]
+    calls = []
+
+    class Joining(FakeGrid):
+        def get_node_ids(self):
+            calls.append(1)
+            return [1, 2, 3] if len(calls) < 3 else [1, 2, 3, 4]
+
+    nodes = strategy.wait_for_nodes(Joining([]), 2, deadline_s=30, poll_s=0.0, required={1, 4})
+    assert nodes == [1, 2, 3, 4] and len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('{"5": 0, "6": 1}', None),
+        ("[1, 2]", "JSON object"),
+        ('{"x": 1}', "integers"),
+        ("{", "cannot read"),
+    ],
+)
+def test_load_bindings(tmp_path, text, error):
+    path = tmp_path / "bindings.json"
+    path.write_text(text)
+    if error is None:
+        assert strategy.load_bindings(path) == {5: 0, 6: 1}
+    else:
+        with pytest.raises(ValueError, match=error):
+            strategy.load_bindings(path)

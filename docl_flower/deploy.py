@@ -1,0 +1,432 @@
+"""A real Flower deployment on this machine: one SuperLink and one SuperNode per user.
+
+Used by ``scripts/deploy_demo.py`` (``make deploy-demo``) and by the fault tests. No Flower
+import: every component is the installed Flower executable (``flower-superlink``,
+``flower-supernode``, ``flwr``), started as its own process group so that it can be killed
+and restarted like a real device or server.
+
+Security is on unless ``secure=False``: a private CA and a server certificate for the
+SuperLink (TLS), one EC key pair per SuperNode registered with ``flwr supernode register``
+(SuperNode authentication). Each registration returns the node id that the SuperLink will give
+that key; :meth:`LocalDeployment.write_bindings` writes the operator's node -> user bindings,
+which the ServerApp enforces (a node may only register the user it is bound to).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+#: Name of the connection in ``$FLWR_HOME/config.toml``.
+CONNECTION = "docl-deploy"
+
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def make_certificates(
+    folder: Path, hosts: Sequence[str], keep_ca_key: bool = False
+) -> tuple[Path, ...]:
+    """A private CA and a server certificate for ``hosts``; returns (ca, cert, key) paths.
+
+    With ``keep_ca_key`` the CA's private key is written too (``ca.key``, to sign more
+    certificates later; keep it offline), and its path is returned last.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "docl-flower CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            alt.append(x509.DNSName(h))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(_pem(key))
+    paths[2].chmod(0o600)
+    if keep_ca_key:
+        ca_path = folder / "ca.key"
+        ca_path.write_bytes(_pem(ca_key))
+        ca_path.chmod(0o600)
+        return (*paths, ca_path)
+    return paths
+
+
+def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """An EC key pair in OpenSSH format for one SuperNode; returns (private, public) paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    return private, public
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DeploymentError(RuntimeError):
+    """A deployment step failed; the message names the log to read."""
+
+
+@dataclass
+class Node:
+    """One SuperNode: the user it serves, its key, its node id and its process."""
+
+    user: int
+    node_config: str
+    log: Path
+    private_key: Path | None = None
+    node_id: int | None = None
+    insecure: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+
+class LocalDeployment:
+    """SuperLink + SuperNodes on 127.0.0.1, each a separate process group.
+
+    Parameters
+    ----------
+    out : Path
+        Folder for certificates, keys, logs, the SuperLink database and ``FLWR_HOME``.
+    secure : bool
+        TLS and SuperNode authentication (default). ``False`` is for debugging only.
+    """
+
+    def __init__(self, out: Path, secure: bool = True) -> None:
+        self.out = out.resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.secure = secure
+        self.bindir = str(Path(sys.executable).parent)
+        self.flwr_home = self.out / "flwr-home"
+        self.flwr_home.mkdir(exist_ok=True)
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.flwr_home),
+            "PATH": os.pathsep.join([self.bindir, os.environ.get("PATH", "")]),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+        self.port = free_port()
+        self.database = self.out / "superlink.db"
+        self.nodes: dict[int, Node] = {}
+        self.superlink: subprocess.Popen[bytes] | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self.ca: Path | None = None
+        self._tls: tuple[Path, ...] | None = None
+        if secure:
+            self._tls = make_certificates(self.out / "certs", ["127.0.0.1", "localhost"])
+            self.ca = self._tls[0]
+
+    # ---------------------------------------------------------------- processes
+    def _start(
+        self, cmd: list[str], log: Path, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with log.open("ab") as handle:
+            proc = subprocess.Popen(
+                cmd,
+                env=dict(env or self.env),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._procs.append(proc)
+        return proc
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    @classmethod
+    def _stop(cls, proc: subprocess.Popen[bytes] | None, sig: int, grace_s: float = 15.0) -> None:
+        """Send ``sig`` to the process group, wait, then SIGKILL whatever is left of it."""
+        if proc is None:
+            return
+        if proc.poll() is None:
+            cls._signal_group(proc, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace_s)
+        cls._signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+
+    @property
+    def superlink_log(self) -> Path:
+        """The SuperLink's log (appended across restarts)."""
+        return self.out / "superlink.log"
+
+    def start_superlink(self, startup_s: float = 60.0) -> None:
+        """Start (or restart) the SuperLink on the same port with the same database."""
+        cmd = [
+            f"{self.bindir}/flower-superlink",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.database),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self._tls is None:
+            cmd.append("--insecure")
+        else:
+            ca, cert, key = self._tls
+            cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert)]
+            cmd += ["--ssl-keyfile", str(key), "--enable-supernode-auth"]
+        self.superlink = self._start(cmd, self.superlink_log)
+        end = time.monotonic() + startup_s
+        while True:
+            if self.superlink.poll() is not None:
+                raise DeploymentError(
+                    f"flower-superlink exited with {self.superlink.returncode}; "
+                    f"see {self.superlink_log}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > end:
+                    raise DeploymentError(
+                        f"the SuperLink does not listen after {startup_s:.0f}s; "
+                        f"see {self.superlink_log}"
+                    ) from None
+                time.sleep(0.3)
+        conn = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        conn += f'address = "127.0.0.1:{self.port}"\n'
+        conn += f'root-certificates = "{self.ca}"\n' if self.ca else "insecure = true\n"
+        (self.flwr_home / "config.toml").write_text(conn, encoding="utf-8")
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink's process group (the ServerApp of a running run dies too)."""
+        self._stop(self.superlink, signal.SIGKILL)
+
+    def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run one ``flwr`` CLI command against this deployment."""
+        return subprocess.run(
+            [f"{self.bindir}/flwr", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+
+    def register_key(self, public_key: Path) -> int:
+        """``flwr supernode register``: returns the node id the SuperLink gives that key."""
+        res = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+        try:
+            return int(json.loads(res.stdout)["node-id"])
+        except (json.JSONDecodeError, KeyError, ValueError) as err:
+            raise DeploymentError(
+                f"registering {public_key} failed: {res.stdout} {res.stderr}"
+            ) from err
+
+    def online_nodes(self) -> set[int]:
+        """Node ids the SuperLink lists as online."""
+        res = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+        try:
+            nodes = json.loads(res.stdout)["nodes"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise DeploymentError(f"cannot list nodes: {res.stdout} {res.stderr}") from err
+        return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
+
+    def add_node(
+        self,
+        user: int,
+        node_config: str,
+        *,
+        register: bool = True,
+        insecure: bool = False,
+        extra_env: Mapping[str, str] | None = None,
+        max_retries: int | None = None,
+    ) -> Node:
+        """Make a key pair for ``user``'s device, register it (unless told not to), start it.
+
+        ``insecure`` starts the SuperNode without TLS (and without its key), which a secure
+        SuperLink must refuse; ``register=False`` leaves the key unknown to the SuperLink.
+        """
+        node = Node(
+            user,
+            node_config,
+            self.out / f"supernode-{user}.log",
+            insecure=insecure or not self.secure,
+            extra_env=dict(extra_env or {}),
+        )
+        if self.secure and not insecure:
+            node.private_key, public = make_node_keys(self.out / "keys", f"node-{user}")
+            if register:
+                node.node_id = self.register_key(public)
+        self.nodes[user] = node
+        self.start_node(user, max_retries=max_retries)
+        return node
+
+    def start_node(self, user: int, max_retries: int | None = None) -> None:
+        """Start (or restart) the SuperNode of ``user``."""
+        node = self.nodes[user]
+        cmd = [
+            f"{self.bindir}/flower-supernode",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node.node_config,
+        ]
+        if max_retries is not None:
+            cmd += ["--max-retries", str(max_retries)]
+        if node.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--root-certificates", str(self.ca)]
+            cmd += ["--auth-supernode-private-key", str(node.private_key)]
+        env = {**self.env, **node.extra_env}
+        node.proc = self._start(cmd, node.log, env)
+
+    def kill_node(self, user: int) -> None:
+        """SIGKILL the SuperNode of ``user`` and its ClientApp (a device that dies)."""
+        self._stop(self.nodes[user].proc, signal.SIGKILL)
+
+    def bindings(self) -> dict[int, int]:
+        """Node id -> user id of every registered SuperNode key."""
+        return {n.node_id: u for u, n in self.nodes.items() if n.node_id is not None}
+
+    def write_bindings(self, path: Path | None = None) -> Path:
+        """Write the node -> user bindings as JSON (``{"<node id>": user id}``)."""
+        path = path or self.out / "bindings.json"
+        text = json.dumps({str(k): v for k, v in sorted(self.bindings().items())}, indent=2)
+        path.write_text(text + "\n", encoding="utf-8")
+        return path
+
+    def run(
+        self, app_dir: Path, run_config: str, timeout_s: float = 1800.0, echo: bool = False
+    ) -> tuple[int | None, str]:
+        """``flwr run APP CONNECTION --stream --run-config ...``; returns (run id, status).
+
+        The run's output goes to ``flwr-run.log`` (and to this process's stdout with
+        ``echo``). The run id is the one ``flwr run`` reports (None if it started none).
+        """
+        cmd = [f"{self.bindir}/flwr", "run", str(app_dir), CONNECTION, "--stream"]
+        cmd += ["--run-config", run_config]
+        if echo:
+            print(" ".join(cmd), flush=True)
+        proc = self.start_run(cmd)
+        assert proc.stdout is not None
+        run_id: int | None = None
+        watchdog = threading.Timer(timeout_s, proc.kill)
+        watchdog.start()
+        try:
+            with (self.out / "flwr-run.log").open("a", encoding="utf-8") as log:
+                for line in proc.stdout:
+                    log.write(line)
+                    if echo:
+                        print(line, end="", flush=True)
+                    found = _STARTED.search(line)
+                    if found and run_id is None:
+                        run_id = int(found.group(1))
+        finally:
+            watchdog.cancel()
+        proc.wait()
+        if run_id is None:
+            return None, f"not started (flwr run exited with {proc.returncode})"
+        return run_id, self.run_status(run_id)
+
+    def start_run(self, cmd: list[str]) -> subprocess.Popen[str]:
+        """Start a ``flwr`` command with its output readable line by line."""
+        return subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+
+    def run_status(self, run_id: int) -> str:
+        """Status of one run as ``flwr list`` reports it (e.g. ``finished:completed``)."""
+        res = self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            (run,) = json.loads(res.stdout)["runs"]
+        except (json.JSONDecodeError, KeyError, ValueError) as err:
+            raise DeploymentError(f"cannot read run status: {res.stdout} {res.stderr}") from err
+        return str(run["status"])
+
+    def close(self) -> None:
+        """Stop every process this deployment started (SIGTERM, then SIGKILL)."""
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                self._signal_group(proc, signal.SIGTERM)
+        for proc in self._procs:
+            self._stop(proc, signal.SIGTERM)
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
