@@ -55,9 +55,11 @@ namespace {
 constexpr int kRows = 4;   // decoder rows (features) per register tile
 constexpr int kVecs = 4;   // 16-image vectors per register tile
 constexpr int kLanes = 16 * kVecs;
+constexpr int kBlock = 16 * kRows;  // feature rows per partial sum
 
-// 1 / (1 + 2^t): 2^t = 2^n p(t - n), n = round(t); 1/d by rcp14 and one Newton step.
-inline __m512 sigmoid_of_t(__m512 t) {
+// 1 / (1 + 2^t) - x: 2^t = 2^n p(t - n), n = round(t); 1/d by rcp14 and one Newton step
+// whose last multiplication also subtracts x (one rounding).
+inline __m512 sigmoid_of_t_minus(__m512 t, __m512 x) {
   t = _mm512_min_ps(t, _mm512_set1_ps(100.0f));  // 2^t stays finite
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
@@ -70,7 +72,7 @@ inline __m512 sigmoid_of_t(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
   const __m512 q = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(q, _mm512_fnmadd_ps(d, q, _mm512_set1_ps(2.0f)));
+  return _mm512_fmsub_ps(q, _mm512_fnmadd_ps(d, q, _mm512_set1_ps(2.0f)), x);
 }
 
 // R decoder rows x kLanes images: t = W2[rows] h + b2[rows], err += (sigmoid - x)^2.
@@ -92,8 +94,7 @@ inline void tile(const float* h, const float* w, const float* b2, const float* x
   }
   UNROLL for (int r = 0; r < R; ++r) {
     UNROLL for (int v = 0; v < kVecs; ++v) {
-      const __m512 e = _mm512_sub_ps(sigmoid_of_t(acc[r][v]),
-                                     _mm512_loadu_ps(xt + r * ldx + 16 * v));
+      const __m512 e = sigmoid_of_t_minus(acc[r][v], _mm512_loadu_ps(xt + r * ldx + 16 * v));
       err[v] = _mm512_fmadd_ps(e, e, err[v]);
     }
   }
@@ -123,17 +124,24 @@ extern "C" void docl_score(const float* hT, long ldh, const float* b1, const flo
         const float bias = b1[a * M + m];
         for (int i = 0; i < kLanes; ++i) h[m * kLanes + i] = std::max(src[i] + bias, 0.0f);
       }
-      __m512 err[kVecs];
-      UNROLL for (int v = 0; v < kVecs; ++v) err[v] = _mm512_setzero_ps();
       const float* wa = W2 + a * D * static_cast<long>(M);
       const float* ba = b2 + a * static_cast<long>(D);
-      int d = 0;
-      for (; d + kRows <= D; d += kRows)
-        tile<kRows>(h, wa + d * static_cast<long>(M), ba + d, xT + d * ldx + i0, ldx, M, err);
-      for (; d < D; ++d)
-        tile<1>(h, wa + d * static_cast<long>(M), ba + d, xT + d * ldx + i0, ldx, M, err);
+      // Two-level sum over the features (blocks of kBlock rows), for a smaller rounding error.
+      __m512 total[kVecs];
+      UNROLL for (int v = 0; v < kVecs; ++v) total[v] = _mm512_setzero_ps();
+      for (int d0 = 0; d0 < D; d0 += kBlock) {
+        const int d1 = std::min(d0 + kBlock, D);
+        __m512 err[kVecs];
+        UNROLL for (int v = 0; v < kVecs; ++v) err[v] = _mm512_setzero_ps();
+        int d = d0;
+        for (; d + kRows <= d1; d += kRows)
+          tile<kRows>(h, wa + d * static_cast<long>(M), ba + d, xT + d * ldx + i0, ldx, M, err);
+        for (; d < d1; ++d)
+          tile<1>(h, wa + d * static_cast<long>(M), ba + d, xT + d * ldx + i0, ldx, M, err);
+        UNROLL for (int v = 0; v < kVecs; ++v) total[v] = _mm512_add_ps(total[v], err[v]);
+      }
       alignas(64) float e[kLanes];
-      UNROLL for (int v = 0; v < kVecs; ++v) _mm512_store_ps(e + 16 * v, err[v]);
+      UNROLL for (int v = 0; v < kVecs; ++v) _mm512_store_ps(e + 16 * v, total[v]);
       const int n = std::min(kLanes, n_valid - i0);
       for (int i = 0; i < n; ++i) out[(i0 + i) * so_i + a * so_a] = e[i];
     }
