@@ -172,16 +172,14 @@ class GlobalFilter:
         out = torch.empty(n, big_n, dtype=torch.float32)
         # Flat buffers, viewed per chunk as contiguous (D, width) images-as-columns (zero
         # padded to whole tiles) and (block * M, width) encoder products.
-        x_buf = torch.zeros(d * width)
+        x = x.contiguous()
+        x_buf = torch.empty(d * width)
         h_buf = torch.empty(block * m * width)
         for i0 in range(0, n, ci):
-            xb = x[i0 : i0 + ci]
-            b = xb.shape[0]
+            b = min(ci, n - i0)
             bp = -(-b // lanes) * lanes
             xt = x_buf[: d * bp].view(d, bp)
-            xt[:, :b] = xb.T
-            if bp > b:
-                xt[:, b:] = 0.0
+            kernel.lib.docl_transpose(x[i0].data_ptr(), d, b, d, xt.data_ptr(), bp, bp)
             for k0 in range(0, big_n, block):
                 k1 = min(k0 + block, big_n)
                 h = h_buf[: (k1 - k0) * m * bp].view((k1 - k0) * m, bp)

@@ -104,6 +104,22 @@ inline void tile(const float* h, const float* w, const float* b2, const float* x
 
 extern "C" int docl_lanes() { return kLanes; }
 
+// xt[d * ldt + i] = x[i * ldx + d] for i < n, 0 for n <= i < B: images as columns, padded.
+// Each thread fills whole 64-image column blocks (contiguous writes, strided reads).
+extern "C" void docl_transpose(const float* x, long ldx, int n, int D, float* xt, long ldt,
+                               int B) {
+#pragma omp parallel for schedule(static) if (static_cast<long>(B) * D > 65536)
+  for (int i0 = 0; i0 < B; i0 += kLanes) {
+    const int i1 = std::min(i0 + kLanes, n);
+    const int i2 = std::min(i0 + kLanes, B);
+    for (int d = 0; d < D; ++d) {
+      float* dst = xt + d * ldt;
+      for (int i = i0; i < i1; ++i) dst[i] = x[i * ldx + d];
+      for (int i = std::max(i0, i1); i < i2; ++i) dst[i] = 0.0f;
+    }
+  }
+}
+
 // hT: (A*M, ldh) encoder products without bias, row a*M+m; b1: (A, M); W2: (A, D, M) and
 // b2: (A, D), both times -log2(e); xT: (D, ldx) images as columns, B of them (a multiple of
 // kLanes, zero padded); out[i*so_i + a*so_a] = error of image i < n_valid under autoencoder a.
@@ -160,7 +176,7 @@ class Kernel:
     Attributes
     ----------
     lib : ctypes.CDLL
-        Exposes ``docl_score`` (see the C++ source) and ``docl_lanes``.
+        Exposes ``docl_score``, ``docl_transpose`` (see the C++ source) and ``docl_lanes``.
     lanes : int
         Images per tile; the image count passed to ``docl_score`` must be a multiple.
     build_seconds : float
@@ -260,6 +276,8 @@ def _build() -> Kernel | None:
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.docl_score.argtypes = [ptr, long_, ptr, ptr, ptr, ptr, long_, ptr, long_, long_]
     lib.docl_score.argtypes += [int_] * 5
+    lib.docl_transpose.restype = None
+    lib.docl_transpose.argtypes = [ptr, long_, int_, int_, ptr, long_, int_]
     return Kernel(lib, int(lib.docl_lanes()), seconds, path)
 
 
