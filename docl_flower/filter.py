@@ -169,6 +169,7 @@ class GlobalFilter:
         ci = -(-self.scoring.chunk_images // lanes) * lanes
         width = min(ci, -(-n // lanes) * lanes)
         block = min(self._ENCODER_BLOCK, big_n)
+        threads = torch.get_num_threads()
         out = torch.empty(n, big_n, dtype=torch.float32)
         # Flat buffers, viewed per chunk as contiguous (D, width) images-as-columns (zero
         # padded to whole tiles) and (block * M, width) encoder products.
@@ -179,7 +180,7 @@ class GlobalFilter:
             b = min(ci, n - i0)
             bp = -(-b // lanes) * lanes
             xt = x_buf[: d * bp].view(d, bp)
-            kernel.lib.docl_transpose(x[i0].data_ptr(), d, b, d, xt.data_ptr(), bp, bp)
+            kernel.lib.docl_transpose(x[i0].data_ptr(), d, b, d, xt.data_ptr(), bp, bp, threads)
             for k0 in range(0, big_n, block):
                 k1 = min(k0 + block, big_n)
                 h = h_buf[: (k1 - k0) * m * bp].view((k1 - k0) * m, bp)
@@ -200,6 +201,7 @@ class GlobalFilter:
                     d,
                     bp,
                     b,
+                    threads,
                 )
         return out
 

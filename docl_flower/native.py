@@ -107,8 +107,9 @@ extern "C" int docl_lanes() { return kLanes; }
 // xt[d * ldt + i] = x[i * ldx + d] for i < n, 0 for n <= i < B: images as columns, padded.
 // Each thread fills whole 64-image column blocks (contiguous writes, strided reads).
 extern "C" void docl_transpose(const float* x, long ldx, int n, int D, float* xt, long ldt,
-                               int B) {
-#pragma omp parallel for schedule(static) if (static_cast<long>(B) * D > 65536)
+                               int B, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (static_cast<long>(B) * D > 65536)
   for (int i0 = 0; i0 < B; i0 += kLanes) {
     const int i1 = std::min(i0 + kLanes, n);
     const int i2 = std::min(i0 + kLanes, B);
@@ -123,12 +124,14 @@ extern "C" void docl_transpose(const float* x, long ldx, int n, int D, float* xt
 // hT: (A*M, ldh) encoder products without bias, row a*M+m; b1: (A, M); W2: (A, D, M) and
 // b2: (A, D), both times -log2(e); xT: (D, ldx) images as columns, B of them (a multiple of
 // kLanes, zero padded); out[i*so_i + a*so_a] = error of image i < n_valid under autoencoder a.
+// threads: OpenMP threads (PyTorch's count, passed in: a new Python thread would otherwise
+// get the OpenMP default).
 extern "C" void docl_score(const float* hT, long ldh, const float* b1, const float* W2,
                            const float* b2, const float* xT, long ldx, float* out, long so_i,
-                           long so_a, int A, int M, int D, int B, int n_valid) {
+                           long so_a, int A, int M, int D, int B, int n_valid, int threads) {
   const int tiles = B / kLanes;
   const long total = static_cast<long>(A) * tiles;
-#pragma omp parallel if (total > 1)
+#pragma omp parallel num_threads(threads) if (total > 1)
   {
     float* h = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * M * kLanes));
 #pragma omp for schedule(static)
@@ -275,9 +278,9 @@ def _build() -> Kernel | None:
     lib.docl_score.restype = None
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.docl_score.argtypes = [ptr, long_, ptr, ptr, ptr, ptr, long_, ptr, long_, long_]
-    lib.docl_score.argtypes += [int_] * 5
+    lib.docl_score.argtypes += [int_] * 6
     lib.docl_transpose.restype = None
-    lib.docl_transpose.argtypes = [ptr, long_, int_, int_, ptr, long_, int_]
+    lib.docl_transpose.argtypes = [ptr, long_, int_, int_, ptr, long_, int_, int_]
     return Kernel(lib, int(lib.docl_lanes()), seconds, path)
 
 

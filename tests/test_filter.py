@@ -1,5 +1,6 @@
 import logging
 import platform
+import threading
 
 import numpy as np
 import pytest
@@ -72,6 +73,26 @@ def test_native_kernel_saturated_sigmoid():
     got = GlobalFilter(regs).scores(x)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, reference_scores(regs, x), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_kernel_in_another_thread_and_with_one_torch_thread():
+    rng = np.random.default_rng(5)
+    regs = [random_registration(rng, u, u, dim=784, hidden=32) for u in range(5)]
+    x = torch.rand(300, 784)
+    flt = GlobalFilter(regs)
+    want = reference_scores(regs, x)
+    got: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: got.append(flt.scores(x)))
+    worker.start()
+    worker.join()
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.testing.assert_close(flt.scores(x), want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_native_kernel_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
