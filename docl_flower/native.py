@@ -210,14 +210,14 @@ def _cpu_flags() -> str:
 
 def _cache_dir() -> Path:
     root = os.environ.get("DOCL_FLOWER_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    base = Path(root) if root else Path.home() / ".cache"
-    path = base / "docl_flower" / "native"
     try:
+        base = Path(root) if root else Path.home() / ".cache"
+        path = base / "docl_flower" / "native"
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".probe-{os.getpid()}"
         probe.touch()
         probe.unlink()
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: no home directory
         path = Path(tempfile.gettempdir()) / f"docl_flower-native-{os.getuid()}"
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -296,4 +296,6 @@ def load() -> Kernel | None:
             except OSError as err:  # e.g. an unwritable cache directory
                 log.warning("fused scoring kernel: %s", err)
                 _loaded["score"] = None
+            if _loaded["score"] is None:
+                log.warning("fused scoring kernel unavailable: scoring with PyTorch operations")
         return _loaded["score"]
