@@ -1,8 +1,10 @@
 """The global filter (eq. 7-8) and the Guard: score every registered autoencoder, decide.
 
-No Flower here. Autoencoders of one shape are stacked into ``(N, M, D)`` tensors and scored
-with batched matrix products, chunked over images and autoencoders so that the
-``(chunk, images, D)`` intermediates stay small (see ``scripts/bench_filter.py``).
+No Flower here. Autoencoders of one shape are stacked into ``(N, M, D)`` tensors. The encoders
+run as one matrix product per chunk of images and block of autoencoders; the decoders and the
+error sums run either in the fused kernel of :mod:`docl_flower.native` (default) or as batched
+PyTorch products chunked over images and autoencoders, so that the ``(chunk, images, D)``
+intermediates stay small (see ``scripts/bench_filter.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from . import native
 from .model import PARAM_NAMES
 
 log = logging.getLogger(__name__)
@@ -35,12 +38,35 @@ class Registration:
     num_examples: int
 
 
+#: Values of :attr:`ScoringConfig.kernel`.
+KERNELS = ("native", "torch")
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Chunk sizes of the batched scoring (images x autoencoders per step)."""
+    """How the filter scores: kernel and chunk sizes (images x autoencoders per step).
+
+    Parameters
+    ----------
+    chunk_images : int
+        Images per chunk (rounded up to the native kernel's tile of 64 images there).
+    chunk_models : int
+        Autoencoders per batched decoder product of the ``"torch"`` kernel.
+    kernel : str
+        ``"native"``: the fused C++ kernel of :mod:`docl_flower.native`, compiled once per
+        process on first use; where it cannot be built (no compiler, no AVX-512), a warning
+        is logged and the ``"torch"`` path is used. ``"torch"``: PyTorch operations only.
+    """
 
     chunk_images: int = 512
     chunk_models: int = 4
+    kernel: str = "native"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.chunk_images < 1 or self.chunk_models < 1:
+            raise ValueError("chunk sizes must be >= 1")
 
 
 class GlobalFilter:
@@ -56,7 +82,7 @@ class GlobalFilter:
     registrations : sequence of Registration
         Autoencoders of one shape; their order defines the column order of :meth:`scores`.
     scoring : ScoringConfig
-        Chunk sizes.
+        Kernel and chunk sizes.
     """
 
     _ENCODER_BLOCK = 128
@@ -80,16 +106,26 @@ class GlobalFilter:
         n_models, hidden, dim = enc_w.shape
         self._hidden = hidden
         self._dim = dim
-        # Biases folded into the products (one extra input column of ones), so that no
-        # separate pass adds them. Encoder: all autoencoders side by side, (D + 1, N * M).
-        self._enc = torch.cat(
-            [enc_w.permute(2, 0, 1).reshape(dim, n_models * hidden), enc_b.reshape(1, -1)]
-        ).contiguous()
-        # Decoder: (N, M + 1, D), halved because sigmoid(z) = (1 + tanh(z / 2)) / 2 and
-        # tanh is the cheaper kernel: d = sum (sigmoid(z) - x)^2 = sum (tanh(z/2) - (2x - 1))^2 / 4.
-        self._dec = (
-            0.5 * torch.cat([dec_w.transpose(1, 2), dec_b[:, None, :]], dim=1)
-        ).contiguous()
+        self._kernel = native.load() if self.scoring.kernel == "native" else None
+        if self._kernel is not None:
+            # Fused kernel: encoders as rows (N * M, D); decoders (N, D, M) and their biases
+            # times -log2(e), so that the kernel computes t = -z log2(e), sigmoid = 1/(1 + 2^t).
+            self._w1 = enc_w.reshape(n_models * hidden, dim)
+            self._b1 = enc_b
+            self._w2 = (native.NEG_LOG2E * dec_w).contiguous()
+            self._b2 = (native.NEG_LOG2E * dec_b).contiguous()
+        else:
+            # Biases folded into the products (one extra input column of ones), so that no
+            # separate pass adds them. Encoder: all autoencoders side by side, (D + 1, N * M).
+            self._enc = torch.cat(
+                [enc_w.permute(2, 0, 1).reshape(dim, n_models * hidden), enc_b.reshape(1, -1)]
+            ).contiguous()
+            # Decoder: (N, M + 1, D), halved because sigmoid(z) = (1 + tanh(z / 2)) / 2 and
+            # tanh is the cheaper kernel:
+            # d = sum (sigmoid(z) - x)^2 = sum (tanh(z/2) - (2x - 1))^2 / 4.
+            self._dec = (
+                0.5 * torch.cat([dec_w.transpose(1, 2), dec_b[:, None, :]], dim=1)
+            ).contiguous()
         self.labels = torch.tensor([r.label for r in registrations])
         self.owners = torch.tensor([r.user_id for r in registrations])
         self.mu = torch.tensor([r.err_mean for r in registrations], dtype=torch.float64)
@@ -105,18 +141,71 @@ class GlobalFilter:
         """Feature dimension D."""
         return self._dim
 
+    @property
+    def kernel(self) -> str:
+        """The kernel in use: ``"native"`` or ``"torch"`` (also when native was asked for)."""
+        return "native" if self._kernel is not None else "torch"
+
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 7-8: ``d_i(x)`` for every image (rows) and autoencoder (columns), shape (n, N).
 
         Images are processed in chunks of ``chunk_images``; for each chunk the encoders of a
-        block of autoencoders run as one matrix product, and the decoders run as batched
-        products over ``chunk_models`` autoencoders at a time, so the ``(chunk_models,
-        chunk_images, D)`` intermediate stays in cache.
+        block of autoencoders run as one matrix product. The decoders then run in the fused
+        kernel (``kernel="native"``), or as batched products over ``chunk_models``
+        autoencoders at a time, so the ``(chunk_models, chunk_images, D)`` intermediate stays
+        in cache.
         """
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must be (n, {self.dim}), got {tuple(x.shape)}")
         x = x.to(torch.float32)
+        if self._kernel is not None:
+            return self._scores_native(x, self._kernel)
+        return self._scores_torch(x)
+
+    def _scores_native(self, x: torch.Tensor, kernel: native.Kernel) -> torch.Tensor:
+        n, big_n, m, d = x.shape[0], self.size, self._hidden, self._dim
+        lanes = kernel.lanes
+        ci = -(-self.scoring.chunk_images // lanes) * lanes
+        width = min(ci, -(-n // lanes) * lanes)
+        block = min(self._ENCODER_BLOCK, big_n)
+        threads = torch.get_num_threads()
+        out = torch.empty(n, big_n, dtype=torch.float32)
+        # Flat buffers, viewed per chunk as contiguous (D, width) images-as-columns (zero
+        # padded to whole tiles) and (block * M, width) encoder products.
+        x = x.contiguous()
+        x_buf = torch.empty(d * width)
+        h_buf = torch.empty(block * m * width)
+        for i0 in range(0, n, ci):
+            b = min(ci, n - i0)
+            bp = -(-b // lanes) * lanes
+            xt = x_buf[: d * bp].view(d, bp)
+            kernel.lib.docl_transpose(x[i0].data_ptr(), d, b, d, xt.data_ptr(), bp, bp, threads)
+            for k0 in range(0, big_n, block):
+                k1 = min(k0 + block, big_n)
+                h = h_buf[: (k1 - k0) * m * bp].view((k1 - k0) * m, bp)
+                torch.mm(self._w1[k0 * m : k1 * m], xt, out=h)
+                kernel.lib.docl_score(
+                    h.data_ptr(),
+                    bp,
+                    self._b1[k0].data_ptr(),
+                    self._w2[k0].data_ptr(),
+                    self._b2[k0].data_ptr(),
+                    xt.data_ptr(),
+                    bp,
+                    out[i0, k0:].data_ptr(),
+                    big_n,
+                    1,
+                    k1 - k0,
+                    m,
+                    d,
+                    bp,
+                    b,
+                    threads,
+                )
+        return out
+
+    def _scores_torch(self, x: torch.Tensor) -> torch.Tensor:
         n, big_n, m, d = x.shape[0], self.size, self._hidden, self._dim
         ci, cm = self.scoring.chunk_images, self.scoring.chunk_models
         block = max(cm, (self._ENCODER_BLOCK // cm) * cm)
