@@ -13,7 +13,7 @@ def _setup(n: int = 4, per_class: int = 30, seed: int = 0):
     rng = np.random.default_rng(seed)
     regs = [random_registration(rng, u, u) for u in range(n)]
     flt = GlobalFilter(regs)
-    x = torch.rand(n * per_class, 20)
+    x = torch.from_numpy(rng.random((n * per_class, 20), dtype=np.float32))
     labels = torch.arange(n).repeat_interleave(per_class)
     scores = flt.scores(x)
     # Centre each interval on its autoencoder's median error so the Guard has work to do.
