@@ -376,7 +376,14 @@ class LocalDeployment:
         cmd += ["--run-config", run_config]
         if echo:
             print(" ".join(cmd), flush=True)
-        proc = self.start_run(cmd)
+        proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
         assert proc.stdout is not None
         run_id: int | None = None
         watchdog = threading.Timer(timeout_s, proc.kill)
@@ -396,17 +403,6 @@ class LocalDeployment:
         if run_id is None:
             return None, f"not started (flwr run exited with {proc.returncode})"
         return run_id, self.run_status(run_id)
-
-    def start_run(self, cmd: list[str]) -> subprocess.Popen[str]:
-        """Start a ``flwr`` command with its output readable line by line."""
-        return subprocess.Popen(
-            cmd,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
 
     def run_status(self, run_id: int) -> str:
         """Status of one run as ``flwr list`` reports it (e.g. ``finished:completed``)."""
