@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .launch import FlowerRunError, flwr_env, free_port, run_status
+
 #: Name of the connection in ``$FLWR_HOME/config.toml``.
 CONNECTION = "docl-deploy"
 
@@ -124,13 +126,6 @@ def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class DeploymentError(RuntimeError):
     """A deployment step failed; the message names the log to read."""
 
@@ -167,13 +162,7 @@ class LocalDeployment:
         self.bindir = str(Path(sys.executable).parent)
         self.flwr_home = self.out / "flwr-home"
         self.flwr_home.mkdir(exist_ok=True)
-        self.env = {
-            **os.environ,
-            "FLWR_HOME": str(self.flwr_home),
-            "PATH": os.pathsep.join([self.bindir, os.environ.get("PATH", "")]),
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        }
+        self.env = flwr_env(self.flwr_home)
         self.port = free_port()
         self.database = self.out / "superlink.db"
         self.nodes: dict[int, Node] = {}
@@ -406,12 +395,10 @@ class LocalDeployment:
 
     def run_status(self, run_id: int) -> str:
         """Status of one run as ``flwr list`` reports it (e.g. ``finished:completed``)."""
-        res = self.flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
         try:
-            (run,) = json.loads(res.stdout)["runs"]
-        except (json.JSONDecodeError, KeyError, ValueError) as err:
-            raise DeploymentError(f"cannot read run status: {res.stdout} {res.stderr}") from err
-        return str(run["status"])
+            return run_status(self.flwr_home, run_id, connection=CONNECTION)[1]
+        except FlowerRunError as err:
+            raise DeploymentError(str(err)) from err
 
     def close(self) -> None:
         """Stop every process this deployment started (SIGTERM, then SIGKILL)."""

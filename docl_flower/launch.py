@@ -31,7 +31,8 @@ class FlowerRunError(RuntimeError):
     """The Flower run did not complete."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -97,7 +98,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
 def local_superlink(flwr_home: Path, startup_s: float = 60.0) -> Iterator[LocalSuperLink]:
     """Start a simulation SuperLink on free ports; stop it on exit, also on error."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     control = f"127.0.0.1:{port}"  # 1.42 serves the Control, Fleet and Runtime APIs on one port
     log_path = flwr_home / f"superlink-{port}.log"
     cmd = [

@@ -16,6 +16,17 @@ from .conftest import trained_registration
 CLI = str(Path(sys.executable).parent / "docl-flower")
 
 
+def _filter_check(*args: object) -> subprocess.CompletedProcess[str]:
+    """Run ``docl-flower filter check ARGS`` as a user would."""
+    return subprocess.run(
+        [CLI, "filter", "check", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
 def test_filter_check_decides_per_image(tiny_root, tmp_path):
     # Prepare: a two-user filter (digits 0 and 1) and four test images.
     images, labels = IdxDataset("mnist", str(tiny_root / "mnist"), verify=False).load("train")
@@ -42,13 +53,7 @@ def test_filter_check_decides_per_image(tiny_root, tmp_path):
     ):
         Image.fromarray(test_images[i]).save(folder / f"{k}-digit{test_labels[i]}.png")
     # Execute: user 0 uploads them.
-    proc = subprocess.run(
-        [CLI, "filter", "check", str(tmp_path / "filter"), str(folder), "--uploader", "0"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    proc = _filter_check(tmp_path / "filter", folder, "--uploader", "0")
     # Assert
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines()[2:]]
@@ -63,11 +68,5 @@ def test_filter_check_decides_per_image(tiny_root, tmp_path):
 
 
 def test_filter_check_reports_bad_input(tmp_path):
-    proc = subprocess.run(
-        [CLI, "filter", "check", str(tmp_path / "nothing"), str(tmp_path), "--uploader", "0"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    proc = _filter_check(tmp_path / "nothing", tmp_path, "--uploader", "0")
     assert proc.returncode == 2 and "filter check:" in proc.stderr
