@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from docl_flower import native
-from docl_flower.filter import (
+from docl_flower.core import native
+from docl_flower.core.filter import (
     KERNELS,
     GlobalFilter,
     Registration,
     ScoringConfig,
     reference_scores,
 )
-from docl_flower.model import AutoencoderSpec
+from docl_flower.core.model import AutoencoderSpec
 
 
 def machine() -> dict[str, object]:

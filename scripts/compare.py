@@ -10,18 +10,17 @@ the table (``OUT/comparison.md``) and the plot of accuracy vs bytes transferred 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from docl_flower.core.results import RunResult
+from docl_flower.operations.runs import launch
 
 RUNS: dict[str, tuple[str, list[str]]] = {
     "docl": ("DOCL (one class per user)", []),
@@ -33,26 +32,15 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run(name: str, overrides: list[str], out: Path, reuse: bool) -> dict[str, Any]:
-    run_dir = out / "runs" / name
-    if not (reuse and (run_dir / "results.json").is_file()):
-        cmd = [
-            str(Path(sys.executable).parent / "docl-flower"),
-            *overrides,
-            f"hydra.run.dir={run_dir}",
-        ]
-        print("running:", " ".join(cmd), flush=True)
-        if subprocess.run(cmd, check=False, env=os.environ.copy()).returncode != 0:
-            raise SystemExit(f"{name} failed")
-    results: dict[str, Any] = json.loads((run_dir / "results.json").read_text())
-    return results
+def run(name: str, overrides: list[str], out: Path, reuse: bool) -> RunResult:
+    return launch(overrides, out / "runs" / name, reuse=reuse)
 
 
-def _mean(d: dict[str, float]) -> float:
+def _mean(d: Mapping[str, float]) -> float:
     return sum(d.values()) / max(1, len(d))
 
 
-def table(rows: dict[str, dict[str, Any]]) -> str:
+def table(rows: dict[str, RunResult]) -> str:
     lines = [
         "| method | overall acc. | worst class acc. | rounds | MB up / user | MB down / user | "
         "wall s | user receives others' parameters |",
@@ -60,32 +48,31 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     ]
     for name, r in rows.items():
         label = RUNS[name][0]
-        worst = min(r["per_class_accuracy"].values())
-        up = _mean(r["bytes_uploaded"]) / 1e6
-        down = _mean(r["bytes_downloaded"]) / 1e6
-        receives = "yes" if r.get("receives_others_parameters") else "no"
-        if r.get("uploads_raw_images"):
+        up = _mean(r.bytes_uploaded) / 1e6
+        down = _mean(r.bytes_downloaded) / 1e6
+        receives = "yes" if r.receives_others_parameters else "no"
+        if r.uploads_raw_images:
             label += " (uploads raw images)"
             receives = "no (hands over its images)"
         lines.append(
-            f"| {label} | {r['overall_accuracy']:.4f} | {worst:.4f} | {r.get('rounds', 1)} | "
-            f"{up:.2f} | {down:.2f} | {r['wall_seconds']:.0f} | {receives} |"
+            f"| {label} | {r.overall_accuracy:.4f} | {r.worst_class_accuracy:.4f} | {r.rounds} | "
+            f"{up:.2f} | {down:.2f} | {r.wall_seconds or float('nan'):.0f} | {receives} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(rows: dict[str, RunResult], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in rows.items():
         label = RUNS[name][0]
-        if "accuracy_curve" in r and name != "centralised":
+        if r.accuracy_curve and name != "centralised":
             # Round 0 (the initial model, nothing sent yet) has no place on a log axis.
-            pts = [p for p in r["accuracy_curve"] if p["bytes_per_user"] > 0]
+            pts = [p for p in r.accuracy_curve if p["bytes_per_user"] > 0]
             xs = [p["bytes_per_user"] / 1e6 for p in pts]
             ax.plot(xs, [p["accuracy"] for p in pts], marker=".", label=label)
         else:
-            total = (_mean(r["bytes_uploaded"]) + _mean(r["bytes_downloaded"])) / 1e6
-            ax.scatter([total], [r["overall_accuracy"]], s=80, marker="*", label=label, zorder=3)
+            total = (_mean(r.bytes_uploaded) + _mean(r.bytes_downloaded)) / 1e6
+            ax.scatter([total], [r.overall_accuracy], s=80, marker="*", label=label, zorder=3)
     ax.set_xscale("log")
     ax.set(
         xlabel="MB transferred per user (up + down, cumulative)",

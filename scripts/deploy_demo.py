@@ -20,16 +20,16 @@ authentication) exists only for debugging.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from docl_flower.config import PROJECT_ROOT, build_experiment
-from docl_flower.deploy import LocalDeployment
-from docl_flower.main import format_table
+from docl_flower.core.config import PROJECT_ROOT, build_experiment
+from docl_flower.core.results import RESULTS_FILE, read_results, write_results
+from docl_flower.operations.deploy import LocalDeployment
+from docl_flower.operations.main import format_table
 
 
 def main() -> None:
@@ -74,10 +74,11 @@ def main() -> None:
         )
         if status != "finished:completed":
             raise SystemExit(f"run {run_id} ended with status {status}; logs in {dep.out}")
-        results = json.loads((run_dir / "results.json").read_text())
-        results["wall_seconds"] = time.time() - start_time
+        results = read_results(run_dir / RESULTS_FILE)
+        results.wall_seconds = time.time() - start_time
+        write_results(run_dir / RESULTS_FILE, results)
         print(format_table(results))
-        print(f"results: {run_dir / 'results.json'}")
+        print(f"results: {run_dir / RESULTS_FILE}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,20 +25,20 @@ from typing import Any
 import matplotlib
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from docl_flower.analysis import adversary_matrix, alpha_sweep, roc_curve, scalability, swap_in
-from docl_flower.config import build_experiment
-from docl_flower.filter import ArgminGuard, GlobalFilter, Registration, StrictGuard
-from docl_flower.metrics import overall_accuracy, per_class_accuracy
-from docl_flower.store import load_filter
+from docl_flower.core.analysis import adversary_matrix, alpha_sweep, roc_curve, scalability, swap_in
+from docl_flower.core.config import load_experiment
+from docl_flower.core.filter import GUARDS, GlobalFilter, Registration
+from docl_flower.core.metrics import overall_accuracy, per_class_accuracy
+from docl_flower.core.store import load_filter
+from docl_flower.operations.runs import launch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 ALPHAS = [round(a, 2) for a in np.arange(0.25, 5.01, 0.25)]
 KS = [1, 3, 5, 7, 9]
-RULES = {"argmin": ArgminGuard, "strict": StrictGuard}
+RULES = GUARDS
 PAPER = {
     "overall_accuracy": 0.97,
     "class_0": "> 0.99",
@@ -52,18 +49,8 @@ PAPER = {
 
 # ------------------------------------------------------------------------ Flower runs
 def run_docl(out: Path, overrides: list[str], reuse: bool) -> Path:
-    """Run ``docl-flower`` into ``out`` (or reuse a finished run there)."""
-    if reuse and (out / "results.json").is_file() and (out / "filter").is_dir():
-        print(f"reusing {out}", flush=True)
-        return out
-    cli = str(Path(sys.executable).parent / "docl-flower")
-    cmd = [cli, *overrides, f"hydra.run.dir={out}"]
-    print("running:", " ".join(cmd), flush=True)
-    start = time.time()
-    proc = subprocess.run(cmd, check=False, env=os.environ.copy())
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with code {proc.returncode}")
-    print(f"finished in {time.time() - start:.0f}s", flush=True)
+    """Run ``docl-flower`` into ``out`` (or reuse a finished run there with its filter)."""
+    launch(overrides, out, reuse=reuse, needs=["filter"])
     return out
 
 
@@ -80,7 +67,7 @@ def analyze(
     seed: int,
 ) -> dict[str, Any]:
     """Every number of the figures, from saved filters and the honest run's config."""
-    exp = build_experiment(OmegaConf.load(honest_dir / "experiment.yaml"))  # type: ignore[arg-type]
+    exp = load_experiment(honest_dir / "experiment.yaml")
     honest, _ = load_filter(honest_dir / "filter")
     honest = sorted(honest, key=lambda r: r.label)
     user_of = {r.label: r.user_id for r in honest}
@@ -310,11 +297,11 @@ def summary(a: dict[str, Any]) -> str:
             "",
             "Guard trade-off (Fig. 3):",
             "",
-            "| alpha | argmin: guarded acc. | argmin: acceptance | "
+            "| alpha | paper: guarded acc. | paper: acceptance | "
             "strict: guarded acc. | strict: acceptance |",
             "|---|---|---|---|---|",
         ]
-        arg = {r["alpha"]: r for r in a["alpha_sweep"]["argmin"]}
+        arg = {r["alpha"]: r for r in a["alpha_sweep"]["paper"]}
         st = {r["alpha"]: r for r in a["alpha_sweep"]["strict"]}
         for alpha in (1.0, 1.5, 2.0, 3.0):
             if alpha in arg:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from docl_flower.deploy import make_certificates, make_node_keys
+from docl_flower.operations.deploy import make_certificates, make_node_keys
 
 
 def main() -> None:

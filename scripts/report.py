@@ -6,8 +6,9 @@ python scripts/report.py outputs/DATE/TIME/results.json
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from docl_flower.core.results import read_results
 
 #: What the paper reports for MNIST (Sec. 3 text; Fig. 2 for the per-class values).
 PAPER = {"overall_accuracy": "0.97", "0": "> 0.99", "9": "about 0.95"}
@@ -26,29 +27,30 @@ def main() -> None:
     args = parser.parse_args()
     path = args.results or newest_results()
     print(f"<!-- {path} -->")
-    r = json.loads(path.read_text())
-    cfg = r["config"]
+    r = read_results(path)
+    cfg = r.config
     print(
         f"| metric | docl-flower | paper |\n|---|---|---|\n"
-        f"| overall accuracy | {r['overall_accuracy']:.4f} | {PAPER['overall_accuracy']} |"
+        f"| overall accuracy | {r.overall_accuracy:.4f} | {PAPER['overall_accuracy']} |"
     )
-    for cls, acc in r["per_class_accuracy"].items():
+    for cls, acc in r.per_class_accuracy.items():
         print(f"| class {cls} accuracy | {acc:.4f} | {PAPER.get(cls, '-')} |")
-    print(f"| guarded accuracy (alpha {r['alpha']}) | {r['guarded_accuracy']:.4f} | Fig. 3 |")
-    if r.get("acceptance_rate") is not None:
-        acc = r["acceptance_rate"]
-        print(f"| acceptance rate, Fashion-MNIST (alpha {r['alpha']}) | {acc:.4f} | Fig. 3 |")
-    if r.get("ood_auroc") is not None:
-        print(f"| OOD AUROC (min error, MNIST vs Fashion-MNIST) | {r['ood_auroc']:.4f} | - |")
-    up = sorted(set(r["bytes_uploaded"].values()))
-    down = sorted(set(r["bytes_downloaded"].values()))
+    if r.guarded_accuracy is not None:
+        print(f"| guarded accuracy (alpha {r.alpha}) | {r.guarded_accuracy:.4f} | Fig. 3 |")
+    if r.acceptance_rate is not None:
+        acc = r.acceptance_rate
+        print(f"| acceptance rate, Fashion-MNIST (alpha {r.alpha}) | {acc:.4f} | Fig. 3 |")
+    if r.ood_auroc is not None:
+        print(f"| OOD AUROC (min error, MNIST vs Fashion-MNIST) | {r.ood_auroc:.4f} | - |")
+    up = sorted(set(r.bytes_uploaded.values()))
+    down = sorted(set(r.bytes_downloaded.values()))
     print(f"| bytes uploaded per user | {', '.join(map(str, up))} | - |")
     print(f"| bytes downloaded per user | {', '.join(map(str, down))} | 0 (by design) |")
-    secs = r["train_seconds"].values()
+    secs = r.train_seconds.values()
     print(f"| client training seconds (min-max) | {min(secs):.0f}-{max(secs):.0f} | - |")
-    print(f"| wall seconds, whole command | {r['wall_seconds']:.0f} | - |")
+    print(f"| wall seconds, whole command | {r.wall_seconds or float('nan'):.0f} | - |")
     print(
-        f"\nUsers: {len(r['registered'])} registered, {len(r['failed'])} failed; "
+        f"\nUsers: {len(r.registered)} registered, {len(r.failed)} failed; "
         f"seed {cfg['seed']}; M = {cfg['model']['hidden']}; {cfg['train']['epochs']} epochs."
     )
 

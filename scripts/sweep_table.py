@@ -6,10 +6,11 @@ python scripts/sweep_table.py multirun/DATE/TIME
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import yaml
+
+from docl_flower.core.results import RESULTS_FILE, read_results
 
 
 def main() -> None:
@@ -19,17 +20,17 @@ def main() -> None:
     print("| overrides | overall | class 0 | class 9 | worst class | wall s |")
     print("|---|---|---|---|---|---|")
     for job in sorted(args.sweep.iterdir(), key=lambda p: (len(p.name), p.name)):
-        results = job / "results.json"
+        results = job / RESULTS_FILE
         overrides_file = job / ".hydra" / "overrides.yaml"
         if not results.is_file() or not overrides_file.is_file():
             continue
-        r = json.loads(results.read_text())
+        r = read_results(results)
         overrides = " ".join(yaml.safe_load(overrides_file.read_text()) or [])
-        pc = r["per_class_accuracy"]
-        worst = min(pc.values())
+        pc = r.per_class_accuracy
+        wall = r.wall_seconds if r.wall_seconds is not None else float("nan")
         print(
-            f"| `{overrides}` | {r['overall_accuracy']:.4f} | {pc.get('0', float('nan')):.4f} | "
-            f"{pc.get('9', float('nan')):.4f} | {worst:.4f} | {r['wall_seconds']:.0f} |"
+            f"| `{overrides}` | {r.overall_accuracy:.4f} | {pc.get('0', float('nan')):.4f} | "
+            f"{pc.get('9', float('nan')):.4f} | {r.worst_class_accuracy:.4f} | {wall:.0f} |"
         )
 
 

@@ -25,7 +25,7 @@ def tamper(content: Any, attack: str, victim: int) -> None:
     """Alter a DOCL upload (a RecordDict) in place."""
     from flwr.app import Array
 
-    from docl_flower import keys
+    from docl_flower.federation import keys
 
     if keys.ARRAYS_RECORD not in content.array_records:
         return

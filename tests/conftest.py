@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from docl_flower.data import IdxDataset
-from docl_flower.filter import Registration
-from docl_flower.model import AutoencoderSpec
+from docl_flower.core.data import IdxDataset
+from docl_flower.core.filter import Registration
+from docl_flower.core.model import AutoencoderSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def trained_registration(
     x, user: int, label: int, epochs: int, seed: int = 0, hidden: int = 8, std_scale: float = 1.0
 ) -> Registration:
     """A small autoencoder trained on ``x`` with its error statistics."""
-    from docl_flower.model import (
+    from docl_flower.core.model import (
         TrainSpec,
         error_stats,
         reconstruction_errors,

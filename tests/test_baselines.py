@@ -7,12 +7,19 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from docl_flower import keys
-from docl_flower.classifier import Cnn, Mlp2NN, SgdSpec, accuracy_report, predict, train_classifier
-from docl_flower.client_app import class_user_indices, user_indices
-from docl_flower.config import ClientSpec
-from docl_flower.data import Partition
-from docl_flower.workflows import CountingGrid
+from docl_flower.core.classifier import (
+    Cnn,
+    Mlp2NN,
+    SgdSpec,
+    accuracy_report,
+    predict,
+    train_classifier,
+)
+from docl_flower.core.config import ClientSpec
+from docl_flower.core.data import Partition
+from docl_flower.federation import keys
+from docl_flower.federation.grids import CountingGrid
+from docl_flower.federation.workflows import as_workflow
 
 
 def test_mcmahan_models_have_the_published_sizes():
@@ -63,11 +70,11 @@ def test_iid_shards_are_disjoint_and_cover_every_class():
         assignment={u: list(c) for u, c in assignment.items()},
         shards=4,
     )
-    parts = [user_indices(spec, u, labels) for u in range(4)]
+    parts = [spec.user_indices(u, labels) for u in range(4)]
     allidx = np.concatenate(parts)
     assert sorted(allidx.tolist()) == list(range(150))
     assert all(set(np.unique(labels[p])) == {0, 1, 2} for p in parts)
-    assert class_user_indices(spec, 0, 1, labels).size in (12, 13)
+    assert spec.class_user_indices(0, 1, labels).size in (12, 13)
 
 
 def test_counting_grid_counts_parameter_bytes_per_user_and_direction():
@@ -96,7 +103,7 @@ def test_counting_grid_counts_parameter_bytes_per_user_and_direction():
 def test_centralised_reference_trains_on_the_union_of_partitions(tiny_root, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from docl_flower.config import build_experiment
+    from docl_flower.core.config import build_experiment
 
     from .conftest import PROJECT_ROOT
 
@@ -113,8 +120,8 @@ def test_centralised_reference_trains_on_the_union_of_partitions(tiny_root, tmp_
             ],
         )
     exp = build_experiment(cfg)
-    results = exp.workflow.run(None, exp, cfg, tmp_path)
-    assert results["method"] == "centralised" and results["rounds"] == 10
-    assert results["bytes_uploaded"] == {str(u): 60 * 784 for u in range(3)}
-    assert results["bytes_downloaded"] == {"0": 0, "1": 0, "2": 0}
-    assert len(results["accuracy_curve"]) == 10 and results["overall_accuracy"] > 0.5
+    results = as_workflow(exp.workflow).run(Mock(), exp, tmp_path)
+    assert results.method == "centralised" and results.rounds == 10
+    assert results.bytes_uploaded == {str(u): 60 * 784 for u in range(3)}
+    assert results.bytes_downloaded == {"0": 0, "1": 0, "2": 0}
+    assert len(results.accuracy_curve) == 10 and results.overall_accuracy > 0.5

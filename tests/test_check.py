@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from docl_flower.data import IdxDataset, class_indices
-from docl_flower.features import Identity
-from docl_flower.store import save_filter
+from docl_flower.core.data import IdxDataset, class_indices
+from docl_flower.core.features import Identity
+from docl_flower.core.store import save_filter
 
 from .conftest import trained_registration
 
@@ -38,7 +38,7 @@ def test_filter_check_decides_per_image(tiny_root, tmp_path):
     ]
     info = {
         "config": {
-            "features": {"_target_": "docl_flower.features.Identity"},
+            "features": {"_target_": "docl_flower.core.features.Identity"},
             "guard": {"alpha": 2.0},
         }
     }

@@ -1,27 +1,27 @@
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from docl_flower import keys
-from docl_flower.client_app import handle_train
-from docl_flower.config import ClientSpec, derive_seed
-from docl_flower.data import IdxDataset, class_indices
-from docl_flower.features import Identity
-from docl_flower.model import AutoencoderSpec, TrainSpec, state_to_numpy, train_autoencoder
-from docl_flower.strategy import UploadRules, parse_upload
+from docl_flower.core.config import ClientSpec
+from docl_flower.core.data import IdxDataset, class_indices, derive_seed
+from docl_flower.core.features import Identity
+from docl_flower.core.model import AutoencoderSpec, TrainSpec, state_to_numpy, train_autoencoder
+from docl_flower.federation import keys
+from docl_flower.federation.client_app import handle_train
+from docl_flower.federation.uploads import UploadRules, parse_upload
 
 
 def _spec(root, epochs=2) -> ClientSpec:
     return ClientSpec(
         seed=11,
         dataset={
-            "_target_": "docl_flower.data.IdxDataset",
+            "_target_": "docl_flower.core.data.IdxDataset",
             "name": "mnist",
             "root": str(root / "mnist"),
             "verify": False,
         },
-        features={"_target_": "docl_flower.features.Identity"},
-        model={"_target_": "docl_flower.model.AutoencoderSpec", "hidden": 8},
-        train={"_target_": "docl_flower.model.TrainSpec", "epochs": epochs, "batch_size": 16},
+        features={"_target_": "docl_flower.core.features.Identity"},
+        model={"_target_": "docl_flower.core.model.AutoencoderSpec", "hidden": 8},
+        train={"_target_": "docl_flower.core.model.TrainSpec", "epochs": epochs, "batch_size": 16},
         assignment={0: [3]},
     )
 

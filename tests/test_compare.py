@@ -2,6 +2,8 @@
 
 import importlib.util
 
+from docl_flower.core.results import RunResult
+
 from .conftest import PROJECT_ROOT
 
 spec = importlib.util.spec_from_file_location("compare", PROJECT_ROOT / "scripts" / "compare.py")
@@ -12,6 +14,10 @@ spec.loader.exec_module(compare)
 
 def _fake(acc: float, down: int, curve: bool = True, **extra):
     r = {
+        "method": "x",
+        "registered": [0, 1],
+        "failed": {},
+        "train_seconds": {},
         "overall_accuracy": acc,
         "per_class_accuracy": {"0": acc, "1": acc / 2},
         "rounds": 2,
@@ -26,7 +32,7 @@ def _fake(acc: float, down: int, curve: bool = True, **extra):
             {"round": 0, "accuracy": 0.1, "bytes_per_user": 0.0},
             {"round": 1, "accuracy": acc, "bytes_per_user": 200.0},
         ]
-    return r
+    return RunResult.from_dict(r)
 
 
 def test_table_and_plot_from_results(tmp_path):

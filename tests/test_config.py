@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from docl_flower.config import ClientSpec, build_experiment
+from docl_flower.core.config import ClientSpec, build_experiment
 
 from .conftest import PROJECT_ROOT
 
@@ -47,7 +47,7 @@ def test_invalid_configs_fail_before_any_run():
 
 
 def test_gpu_clients_on_a_machine_without_cuda_fail_with_a_clear_error():
-    from docl_flower.main import check_resources
+    from docl_flower.operations.main import check_resources
 
     check_resources(0.0, cuda_available=False)
     check_resources(0.5, cuda_available=True)

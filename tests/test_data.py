@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from docl_flower.data import DataError, IdxDataset, Partition, class_indices
+from docl_flower.core.data import DataError, IdxDataset, Partition, class_indices
 
 from .conftest import PROJECT_ROOT, write_idx
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from docl_flower.deploy import LocalDeployment, Node, make_certificates, make_node_keys
-from docl_flower.strategy import load_bindings
+from docl_flower.federation.nodes import load_bindings
+from docl_flower.operations.credentials import make_certificates, make_node_keys
+from docl_flower.operations.deploy import LocalDeployment, Node
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_certs.py"
 

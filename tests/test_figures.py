@@ -10,9 +10,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from docl_flower.data import IdxDataset, class_indices
-from docl_flower.features import Deskew
-from docl_flower.store import save_filter
+from docl_flower.core.data import IdxDataset, class_indices
+from docl_flower.core.features import Deskew
+from docl_flower.core.store import save_filter
 
 from .conftest import PROJECT_ROOT, trained_registration
 
@@ -71,16 +71,16 @@ def test_analysis_plots_and_summary_on_small_filters(saved_runs, tmp_path):
     # Assert
     assert 0.0 <= analysis["overall_accuracy"] <= 1.0
     assert set(analysis["per_class_accuracy"]) == {"0", "1", "2"}
-    assert [r["alpha"] for r in analysis["alpha_sweep"]["argmin"]] == figures.ALPHAS
+    assert [r["alpha"] for r in analysis["alpha_sweep"]["paper"]] == figures.ALPHAS
     assert set(analysis["scalability"]) == {"1", "3"}
-    for rule in ("argmin", "strict"):
+    for rule in ("paper", "strict"):
         m = np.array(analysis["adversaries"][rule], dtype=float)
         assert m.shape == (3, 3) and np.isnan(np.diag(m)).all()
         assert np.isfinite(m[~np.eye(3, dtype=bool)]).all()
     assert set(analysis["imbalance"]) == {"0.1", "0.5"}
-    # The strict rule never blocks less than the argmin rule.
+    # The strict rule never blocks less than the paper rule.
     strict = np.nan_to_num(np.array(analysis["adversaries"]["strict"], dtype=float))
-    argmin = np.nan_to_num(np.array(analysis["adversaries"]["argmin"], dtype=float))
+    argmin = np.nan_to_num(np.array(analysis["adversaries"]["paper"], dtype=float))
     assert (strict >= argmin - 1e-12).all()
     names = {p.name for p in paths}
     assert {

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower import native
-from docl_flower.filter import (
+from docl_flower.core import native
+from docl_flower.core.filter import (
     ArgminGuard,
     GlobalFilter,
     Registration,
@@ -101,7 +101,7 @@ def test_native_kernel_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
     x = torch.rand(9, 20)
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="docl_flower.native"):
+    with caplog.at_level(logging.WARNING, logger="docl_flower.core.native"):
         flt = GlobalFilter(regs, ScoringConfig(kernel="native"))
     assert flt.kernel == "torch"
     assert "no C++ compiler" in caplog.text
@@ -112,9 +112,11 @@ def test_native_kernel_falls_back_when_compilation_fails(monkeypatch, caplog, tm
     if native._compiler() is None or platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("no C++ compiler or not x86-64 here")
     monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(native, "_SOURCE", "#error broken on purpose\n")
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error broken on purpose\n")
+    monkeypatch.setattr(native, "_SOURCE_FILE", broken)
     monkeypatch.setenv("DOCL_FLOWER_CACHE", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="docl_flower.native"):
+    with caplog.at_level(logging.WARNING, logger="docl_flower.core.native"):
         kernel = native.load()
     assert kernel is None
     assert "compilation failed" in caplog.text

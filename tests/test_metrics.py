@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.filter import ArgminGuard, GlobalFilter, Registration
-from docl_flower.metrics import (
+from docl_flower.core.filter import ArgminGuard, GlobalFilter, Registration
+from docl_flower.core.metrics import (
     acceptance_rate,
     auroc,
     guarded_accuracy,

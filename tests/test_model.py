@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.model import (
+from docl_flower.core.model import (
     Autoencoder,
     AutoencoderSpec,
     RandomAffine,
@@ -75,7 +75,7 @@ def test_scheduler_and_augmentation_configs_instantiate():
             "_partial_": True,
             "max_lr": 1e-2,
         },
-        augment={"_target_": "docl_flower.model.RandomAffine", "image_shape": [8, 8]},
+        augment={"_target_": "docl_flower.core.model.RandomAffine", "image_shape": [8, 8]},
     )
     _, report = train_autoencoder(torch.rand(100, 64), AutoencoderSpec(hidden=4), spec, seed=0)
     assert len(report.losses) == 2

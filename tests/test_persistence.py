@@ -7,32 +7,29 @@ from unittest.mock import Mock
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 
-from docl_flower import keys
-from docl_flower.store import content_hash, load_filter, load_history
-from docl_flower.strategy import RegisterOnce, RegistrationOutcome, StreamingGrid
-from docl_flower.workflows import PersistentFilter
+from docl_flower.core.store import PersistentFilter, content_hash, load_filter, load_history
+from docl_flower.federation import keys
+from docl_flower.federation.grids import StreamingGrid
+from docl_flower.federation.strategy import RegisterOnce
 
 from .conftest import random_registration
 from .test_strategy import ASSIGNMENT, RULES, reply, upload
 
 
-def _outcome(regs) -> RegistrationOutcome:
-    out = RegistrationOutcome()
+def _register(store: PersistentFilter, regs) -> None:
     for r in regs:
-        out.registrations.append(r)
-        out.registered[r.user_id] = [r.label]
-    return out
+        store.register(r.user_id, [r], [{}])
 
 
 def test_new_users_join_and_old_registrations_stay_byte_identical(tmp_path):
     rng = np.random.default_rng(0)
     first = [random_registration(rng, u, u) for u in (0, 1)]
-    PersistentFilter(tmp_path, {}).save(_outcome(first), None)
+    _register(PersistentFilter(tmp_path, {}), first)
     before = {e["user_id"]: e["sha256"] for e in load_filter(tmp_path)[1]["entries"]}
     # A later run: user 2 joins.
     store = PersistentFilter(tmp_path, {})
     assert store.users == {0, 1}
-    store.save(_outcome([random_registration(rng, 2, 2)]), None)
+    _register(store, [random_registration(rng, 2, 2)])
     regs, meta = load_filter(tmp_path)
     assert sorted(r.user_id for r in regs) == [0, 1, 2]
     after = {e["user_id"]: e["sha256"] for e in meta["entries"]}
@@ -43,9 +40,9 @@ def test_new_users_join_and_old_registrations_stay_byte_identical(tmp_path):
 def test_replacing_a_user_keeps_the_previous_version_in_history(tmp_path):
     rng = np.random.default_rng(0)
     old = random_registration(rng, 0, 0)
-    PersistentFilter(tmp_path, {}).save(_outcome([old, random_registration(rng, 1, 1)]), None)
+    _register(PersistentFilter(tmp_path, {}), [old, random_registration(rng, 1, 1)])
     new = random_registration(rng, 0, 0)
-    PersistentFilter(tmp_path, {}).save(_outcome([new]), None)
+    _register(PersistentFilter(tmp_path, {}), [new])
     regs, meta = load_filter(tmp_path)
     current = {r.user_id: content_hash(r.params) for r in regs}
     assert current[0] == content_hash(new.params) and len(regs) == 2

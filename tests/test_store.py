@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from docl_flower.store import META_FILE, TENSORS_FILE, content_hash, load_filter, save_filter
+from docl_flower.core.store import META_FILE, TENSORS_FILE, content_hash, load_filter, save_filter
 
 from .conftest import random_registration
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from docl_flower import keys, strategy
-from docl_flower.model import AutoencoderSpec
-from docl_flower.strategy import RegisterOnce, UploadError, UploadRules, parse_upload
+from docl_flower.core.model import AutoencoderSpec
+from docl_flower.federation import keys, nodes, strategy
+from docl_flower.federation.strategy import RegisterOnce
+from docl_flower.federation.uploads import UploadError, UploadRules, parse_upload
 
 DIM, HIDDEN = 12, 3
 RULES = UploadRules(shapes=AutoencoderSpec(hidden=HIDDEN).shapes(DIM), max_error=float(DIM))
@@ -152,7 +153,7 @@ def test_configure_train_sends_config_only_messages(monkeypatch):
 
 
 def test_wait_for_nodes_returns_after_the_deadline():
-    assert strategy.wait_for_nodes(FakeGrid([1]), expected=3, deadline_s=0.0) == [1]
+    assert nodes.wait_for_nodes(FakeGrid([1]), expected=3, deadline_s=0.0) == [1]
 
 
 # ------------------------------------------------------------------ node -> user bindings
@@ -203,7 +204,7 @@ def test_an_unbound_node_gets_no_message_and_cannot_register(monkeypatch):
 
 def test_wait_for_nodes_waits_for_the_bound_nodes_not_a_count():
     grid = FakeGrid([1, 2, 3])
-    assert strategy.wait_for_nodes(grid, 2, deadline_s=0.0, required={1, 4}) == [1, 2, 3]
+    assert nodes.wait_for_nodes(grid, 2, deadline_s=0.0, required={1, 4}) == [1, 2, 3]
     calls = []
 
     class Joining(FakeGrid):
@@ -211,8 +212,8 @@ def test_wait_for_nodes_waits_for_the_bound_nodes_not_a_count():
             calls.append(1)
             return [1, 2, 3] if len(calls) < 3 else [1, 2, 3, 4]
 
-    nodes = strategy.wait_for_nodes(Joining([]), 2, deadline_s=30, poll_s=0.0, required={1, 4})
-    assert nodes == [1, 2, 3, 4] and len(calls) == 3
+    found = nodes.wait_for_nodes(Joining([]), 2, deadline_s=30, poll_s=0.0, required={1, 4})
+    assert found == [1, 2, 3, 4] and len(calls) == 3
 
 
 @pytest.mark.parametrize(
@@ -228,7 +229,7 @@ def test_load_bindings(tmp_path, text, error):
     path = tmp_path / "bindings.json"
     path.write_text(text)
     if error is None:
-        assert strategy.load_bindings(path) == {5: 0, 6: 1}
+        assert nodes.load_bindings(path) == {5: 0, 6: 1}
     else:
         with pytest.raises(ValueError, match=error):
-            strategy.load_bindings(path)
+            nodes.load_bindings(path)

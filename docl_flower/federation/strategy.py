@@ -6,166 +6,22 @@ fake replies without a running Flower app.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..core.filter import Registration
 from . import keys
-from .filter import Registration
-from .model import PARAM_NAMES
+from .nodes import wait_for_nodes
+from .uploads import UploadError, UploadRules, parse_upload, record_bytes
 
 log = logging.getLogger(__name__)
-
-
-class UploadError(ValueError):
-    """An upload that cannot be registered; the message is the reason."""
-
-
-@dataclass(frozen=True)
-class UploadRules:
-    """What a valid upload looks like.
-
-    Parameters
-    ----------
-    shapes : mapping
-        Expected shape of each of the four tensors of one autoencoder.
-    max_error : float
-        Upper bound of any reconstruction error: D for features in [0, 1] (eq. 6).
-    min_std : float
-        Smallest acceptable sigma (a degenerate interval would block nothing or everything).
-    """
-
-    shapes: Mapping[str, tuple[int, ...]]
-    max_error: float
-    min_std: float = 1e-6
-
-
-def record_bytes(content: RecordDict) -> int:
-    """Parameter bytes (array elements x item size) of all ArrayRecords in a message's content."""
-    return sum(
-        int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-        for rec in content.array_records.values()
-        for arr in rec.values()
-    )
-
-
-def parse_upload(
-    content: RecordDict,
-    assignment: Mapping[int, tuple[int, ...]],
-    rules: UploadRules,
-) -> tuple[int, list[Registration]]:
-    """Validate one reply's content and turn it into registrations.
-
-    Raises
-    ------
-    UploadError
-        With the reason, for a missing record or key, a user id that is not expected, classes
-        that are not the user's, a wrong shape or dtype, a non-finite value, or error
-        statistics outside ``0 <= mu <= max_error`` and ``min_std <= sigma <= max_error``.
-    """
-    if keys.METRICS_RECORD not in content.metric_records:
-        raise UploadError(f"no MetricRecord {keys.METRICS_RECORD!r}")
-    if keys.ARRAYS_RECORD not in content.array_records:
-        raise UploadError(f"no ArrayRecord {keys.ARRAYS_RECORD!r}")
-    metrics = content.metric_records[keys.METRICS_RECORD]
-    arrays = content.array_records[keys.ARRAYS_RECORD]
-    for key in (keys.USER_ID, keys.CLASSES, keys.ERR_MEAN, keys.ERR_STD, keys.NUM_EXAMPLES):
-        if key not in metrics:
-            raise UploadError(f"metric {key!r} missing")
-    raw_user = metrics[keys.USER_ID]
-    if not isinstance(raw_user, int | float) or raw_user != int(raw_user):
-        raise UploadError(f"user id {raw_user!r} is not an integer")
-    user = int(raw_user)
-    if user not in assignment:
-        raise UploadError(f"user id {user} is not an expected user")
-
-    def as_list(key: str) -> list[float]:
-        value = metrics[key]
-        return [float(v) for v in (value if isinstance(value, list) else [value])]
-
-    classes = [int(c) for c in as_list(keys.CLASSES)]
-    if sorted(classes) != sorted(assignment[user]):
-        raise UploadError(f"user {user} uploaded classes {classes}, owns {list(assignment[user])}")
-    means, stds, counts = as_list(keys.ERR_MEAN), as_list(keys.ERR_STD), as_list(keys.NUM_EXAMPLES)
-    if not len(means) == len(stds) == len(counts) == len(classes):
-        raise UploadError("err-mean, err-std, num-examples and classes differ in length")
-    expected_keys = {f"{c}{keys.ARRAY_KEY_SEP}{n}" for c in classes for n in PARAM_NAMES}
-    if set(arrays.keys()) != expected_keys:
-        extra = sorted(set(arrays.keys()) - expected_keys)
-        missing = sorted(expected_keys - set(arrays.keys()))
-        raise UploadError(f"array keys differ: missing {missing}, unexpected {extra}")
-    registrations = []
-    for c, mu, sd, n in zip(classes, means, stds, counts, strict=True):
-        params: dict[str, np.ndarray] = {}
-        for name in PARAM_NAMES:
-            arr = arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"]
-            if tuple(arr.shape) != tuple(rules.shapes[name]):
-                raise UploadError(
-                    f"class {c} {name}: shape {tuple(arr.shape)}, need {tuple(rules.shapes[name])}"
-                )
-            try:
-                value = arr.numpy()
-            except Exception as err:  # malformed bytes from a client
-                raise UploadError(f"class {c} {name}: unreadable array ({err})") from err
-            if value.dtype != np.float32:
-                raise UploadError(f"class {c} {name}: dtype {value.dtype}, need float32")
-            if not np.isfinite(value).all():
-                raise UploadError(f"class {c} {name}: non-finite values")
-            params[name] = value
-        if not (math.isfinite(mu) and 0.0 <= mu <= rules.max_error):
-            raise UploadError(f"class {c}: err-mean {mu} outside [0, {rules.max_error}]")
-        if not (math.isfinite(sd) and rules.min_std <= sd <= rules.max_error):
-            raise UploadError(
-                f"class {c}: err-std {sd} outside [{rules.min_std}, {rules.max_error}]"
-            )
-        if not (n >= 1 and n == int(n)):
-            raise UploadError(f"class {c}: num-examples {n} is not a positive integer")
-        registrations.append(Registration(user, c, params, float(mu), float(sd), int(n)))
-    return user, registrations
-
-
-def wait_for_nodes(
-    grid: Grid,
-    expected: int,
-    deadline_s: float,
-    poll_s: float = 1.0,
-    required: Collection[int] | None = None,
-) -> list[int]:
-    """Wait until ``expected`` nodes (or every node in ``required``) are connected.
-
-    Returns the nodes present when that happens or when the deadline passes.
-    """
-    start = time.monotonic()
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        done = set(required) <= set(nodes) if required is not None else len(nodes) >= expected
-        if done or time.monotonic() - start >= deadline_s:
-            return nodes
-        log.info("Waiting for nodes: %d/%d connected", len(nodes), expected)
-        time.sleep(poll_s)
-
-
-def load_bindings(path: str | Path) -> dict[int, int]:
-    """Read the operator's node -> user bindings: a JSON object ``{"<node id>": user id}``."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read node bindings {path}: {err}") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"node bindings {path}: expected a JSON object node id -> user id")
-    try:
-        return {int(node): int(user) for node, user in raw.items()}
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"node bindings {path}: node and user ids must be integers") from err
 
 
 @dataclass
@@ -213,7 +69,8 @@ class RegisterOnce(Strategy):
         :data:`keys.REGISTERED_USERS`), and an upload from them is rejected unless
         ``replace_existing``.
     on_register : callable, optional
-        Called with the outcome after every accepted registration (to persist it at once).
+        Called as ``on_register(user, registrations, outcome)`` after every accepted upload
+        (to persist it at once).
     bindings : mapping, optional
         Node id -> the user that node may register (set by the operator when it registers the
         node's key). With bindings, only bound nodes get a message, the strategy waits for
@@ -229,7 +86,7 @@ class RegisterOnce(Strategy):
         node_wait_s: float = 120.0,
         existing_users: Collection[int] = (),
         replace_existing: bool = False,
-        on_register: Callable[[RegistrationOutcome], None] | None = None,
+        on_register: Callable[[int, list[Registration], RegistrationOutcome], None] | None = None,
         bindings: Mapping[int, int] | None = None,
     ) -> None:
         self.assignment = dict(assignment)
@@ -341,7 +198,7 @@ class RegisterOnce(Strategy):
         out.registered_at[user] = time.time()
         log.info("registered user %d (%d/%d)", user, len(out.registered), len(self.assignment))
         if self.on_register is not None:
-            self.on_register(out)
+            self.on_register(user, regs, out)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -391,44 +248,3 @@ def _claimed_user(msg: Message) -> int | None:
         return int(value)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError):
         return None
-
-
-class StreamingGrid:
-    """A Grid proxy whose ``send_and_receive`` hands each reply to ``on_reply`` as it arrives.
-
-    Same contract as :meth:`flwr.serverapp.Grid.send_and_receive` (push, then pull until every
-    reply is in or the timeout passes), so the inherited :meth:`Strategy.start` drives it.
-    """
-
-    def __init__(
-        self, grid: Grid, on_reply: Callable[[Message, int | None], None], poll_s: float = 1.0
-    ) -> None:
-        self._grid = grid
-        self._on_reply = on_reply
-        self._poll_s = poll_s
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._grid, name)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Push, then pull replies until all are in or ``timeout`` seconds have passed.
-
-        ``on_reply`` gets each reply and the node its message was sent to.
-        """
-        msgs = list(messages)
-        ids = list(self._grid.push_messages(msgs))
-        dst = {i: m.metadata.dst_node_id for i, m in zip(ids, msgs, strict=True) if i}
-        pending = set(dst)
-        end = time.monotonic() + (timeout if timeout is not None else 0.0)
-        replies: list[Message] = []
-        while pending and (timeout is None or time.monotonic() < end):
-            new = list(self._grid.pull_messages(pending))
-            for msg in new:
-                pending.discard(msg.metadata.reply_to_message_id)
-                self._on_reply(msg, dst.get(msg.metadata.reply_to_message_id))
-            replies.extend(new)
-            if pending and not new:
-                time.sleep(self._poll_s)
-        return replies

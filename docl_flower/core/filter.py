@@ -308,3 +308,22 @@ class StrictGuard:
 
 
 Guard = ArgminGuard | StrictGuard
+
+#: The Guard rules by name: the one registry behind ``conf/guard/``, ``filter check`` and the
+#: figures. ``paper`` is the paper's rule (only ``i*`` decides).
+GUARDS: dict[str, type[ArgminGuard] | type[StrictGuard]] = {
+    "paper": ArgminGuard,
+    "strict": StrictGuard,
+}
+
+
+def make_guard(name: str, alpha: float) -> Guard:
+    """The Guard called ``name`` (a key of :data:`GUARDS`) with privacy width ``alpha``."""
+    if name not in GUARDS:
+        raise ValueError(f"unknown guard {name!r}; choose one of {sorted(GUARDS)}")
+    return GUARDS[name](float(alpha))
+
+
+def guard_name(guard: Guard) -> str:
+    """The registry name of ``guard``."""
+    return next(name for name, cls in GUARDS.items() if type(guard) is cls)

@@ -234,7 +234,7 @@ def train_autoencoder(
                 batch = augment(batch, generator=gen)
             loss = bce_loss(model.logits(batch), batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

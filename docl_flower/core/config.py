@@ -10,17 +10,35 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
+from numpy.typing import NDArray
 from omegaconf import DictConfig, OmegaConf
 
-from .data import IdxDataset, Partition
+from .classifier import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
+from .data import IdxDataset, Partition, class_indices, user_class_indices
 from .features import FeatureExtractor
-from .filter import Guard, ScoringConfig
+from .filter import Guard, ScoringConfig, make_guard
 from .model import AutoencoderSpec, TrainSpec
+
+#: What the ``model`` group builds: DOCL's autoencoder or a baseline's classifier.
+ModelSpec = AutoencoderSpec | ClassifierSpec
+#: What the ``train`` group builds: DOCL's recipe or the baselines' SGD.
+TrainRecipe = TrainSpec | SgdSpec
+
+
+@runtime_checkable
+class WorkflowSpec(Protocol):
+    """What the core knows of a workflow (``strategy`` group): the task its clients run.
+
+    The Flower layer's ``Workflow`` protocol adds ``run``; the task is a name of the client's
+    task registry, never a dotted path.
+    """
+
+    CLIENT_TASK: ClassVar[str]
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,7 @@ class ClientSpec:
     fraction: dict[int, float] = field(default_factory=dict)
     extra_classes: dict[int, list[int]] = field(default_factory=dict)
     shards: int = 0
-    task: str = "docl_flower.client_app.train_docl"
+    task: str = "docl"
 
     def to_json(self) -> str:
         """Serialise (integer keys become strings)."""
@@ -75,24 +93,79 @@ class ClientSpec:
         }
         return cls(**raw)
 
-    def model_spec(self) -> AutoencoderSpec:
+    def model_spec(self) -> ModelSpec:
         """The architecture as a typed object (a classifier spec for the baselines)."""
-        return _spec(self.model)  # type: ignore[no-any-return]
+        return _as_model(_spec(self.model))
 
-    def train_spec(self) -> TrainSpec:
+    def train_spec(self) -> TrainRecipe:
         """The training recipe as a typed object."""
-        return _spec(self.train)  # type: ignore[no-any-return]
+        return _as_train(_spec(self.train))
 
     def dataset_obj(self, root: str | None = None) -> IdxDataset:
         """The training data set, optionally read from a node-local folder."""
         cfg = dict(self.dataset)
         if root is not None:
             cfg["root"] = root
-        return _spec(cfg)  # type: ignore[no-any-return]
+        return _as_dataset(_spec(cfg))
 
     def features_obj(self) -> FeatureExtractor:
         """The feature extractor."""
-        return instantiate(self.features)  # type: ignore[no-any-return]
+        extractor: FeatureExtractor = instantiate(self.features)
+        return extractor
+
+    def class_user_indices(
+        self, user: int, cls: int, labels: NDArray[np.int64]
+    ) -> NDArray[np.int64]:
+        """Training indices of class ``cls`` that ``user`` holds (shard and fraction applied)."""
+        return user_class_indices(
+            labels,
+            cls,
+            user,
+            seed=self.seed,
+            shards=self.shards,
+            fraction=self.fraction.get(user, 1.0),
+        )
+
+    def user_indices(self, user: int, labels: NDArray[np.int64]) -> NDArray[np.int64]:
+        """All training indices of ``user``'s partition."""
+        return np.concatenate(
+            [self.class_user_indices(user, c, labels) for c in self.assignment[user]]
+        )
+
+    def training_indices(self, user: int, cls: int, labels: NDArray[np.int64]) -> NDArray[np.int64]:
+        """What ``user`` trains its class-``cls`` autoencoder on (plus any extra classes)."""
+        return np.concatenate(
+            [self.class_user_indices(user, cls, labels)]
+            + [class_indices(labels, v) for v in self.extra_classes.get(user, [])]
+        )
+
+
+def _wrong(key: str, value: object) -> ValueError:
+    return ValueError(f"config group {key!r} built a {type(value).__name__}")
+
+
+def _as_model(value: object) -> ModelSpec:
+    if isinstance(value, AutoencoderSpec | Mlp2NN | Cnn):
+        return value
+    raise _wrong("model", value)
+
+
+def _as_train(value: object) -> TrainRecipe:
+    if isinstance(value, TrainSpec | SgdSpec):
+        return value
+    raise _wrong("train", value)
+
+
+def _as_dataset(value: object) -> IdxDataset:
+    if isinstance(value, IdxDataset):
+        return value
+    raise _wrong("dataset", value)
+
+
+def _as_workflow(value: object) -> WorkflowSpec:
+    if isinstance(value, WorkflowSpec):
+        return value
+    raise _wrong("strategy", value)
 
 
 @dataclass(frozen=True)
@@ -105,14 +178,16 @@ class Experiment:
     harmless: IdxDataset | None
     features: FeatureExtractor
     partition: Partition
-    model: Any
-    train: Any
+    model: ModelSpec
+    train: TrainRecipe
     guard: Guard
     scoring: ScoringConfig
     simulation: SimulationSpec
     client_spec: ClientSpec
     assignment: Mapping[int, tuple[int, ...]]
-    workflow: Any
+    workflow: WorkflowSpec
+    #: The resolved config as plain data (saved with the filter and the results).
+    config: dict[str, object]
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -123,6 +198,14 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         raise ValueError(str(err)) from err
     except TypeError as err:  # unknown or missing keys of a spec
         raise ValueError(f"invalid config: {err}") from err
+
+
+def load_experiment(path: Path) -> Experiment:
+    """Read a resolved config saved as YAML (``experiment.yaml``) and build the experiment."""
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{path}: expected a mapping of config groups")
+    return build_experiment(cfg)
 
 
 def _build_experiment(cfg: DictConfig) -> Experiment:
@@ -138,7 +221,7 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
     train_cfg = dict(container["train"])
     model_cfg = dict(container["model"])
     seed = int(container["seed"])
-    workflow = _spec(container["strategy"])
+    workflow = _as_workflow(_spec(container["strategy"]))
     client_spec = ClientSpec(
         seed=seed,
         dataset=dataset_cfg,
@@ -158,25 +241,20 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
         harmless=_spec(harmless_cfg) if harmless_cfg else None,
         features=instantiate(container["features"]),
         partition=partition,
-        model=_spec(model_cfg),
-        train=_spec(train_cfg),
-        guard=instantiate(container["guard"]),
+        model=_as_model(_spec(model_cfg)),
+        train=_as_train(_spec(train_cfg)),
+        guard=make_guard(**container["guard"]),
         scoring=_spec(container["scoring"]),
         simulation=_spec(container["simulation"]),
         client_spec=client_spec,
         assignment=assignment,
         workflow=workflow,
+        config={str(k): v for k, v in container.items()},
     )
 
 
-def derive_seed(seed: int, *keys: int) -> int:
-    """A per-client (per-autoencoder) seed derived from the experiment seed."""
-    state = np.random.SeedSequence([seed, *(k & 0xFFFFFFFF for k in keys)]).generate_state(1)
-    return int(state[0])
-
-
 #: The repository root (holds ``pyproject.toml``, the Flower app directory, and ``data/``).
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 if not OmegaConf.has_resolver("docl.project_root"):
     OmegaConf.register_new_resolver("docl.project_root", lambda: str(PROJECT_ROOT))

@@ -2,48 +2,44 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import keys
-from .config import PROJECT_ROOT, build_experiment
-from .launch import FlowerRunError, run_app
+from ..core.config import PROJECT_ROOT, build_experiment
+from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
+from ..federation import keys
+from .simulation import FlowerRunError, run_app
 
 log = logging.getLogger(__name__)
 
 
-def format_table(results: dict[str, Any]) -> str:
+def format_table(results: RunResult) -> str:
     """The short table printed at the end of a run."""
-    rows = [
-        ("method", str(results.get("method", "?"))),
-        ("overall accuracy", f"{results['overall_accuracy']:.4f}"),
-    ]
-    if results.get("guarded_accuracy") is not None:
-        guarded = f"{results['guarded_accuracy']:.4f}"
-        rows.append((f"guarded accuracy (alpha={results['alpha']})", guarded))
-    if results.get("acceptance_rate") is not None:
-        rows.append(("acceptance rate (Fashion-MNIST)", f"{results['acceptance_rate']:.4f}"))
-    if results.get("ood_auroc") is not None:
-        rows.append(("OOD AUROC (min error)", f"{results['ood_auroc']:.4f}"))
-    rows.append(("rounds", f"{results.get('rounds', 1)}"))
-    down = results.get("bytes_downloaded", {})
-    rows.append(("max bytes downloaded per user", f"{max(down.values(), default=0)}"))
-    rows.append(("registered users", f"{len(results['registered'])}"))
-    rows.append(("failed users", f"{len(results['failed'])}"))
-    rows.append(("wall seconds", f"{results.get('wall_seconds', float('nan')):.1f}"))
-    width = max(len(r[0]) for r in rows)
+    r = results
+    rows = [("method", r.method), ("overall accuracy", f"{r.overall_accuracy:.4f}")]
+    if r.guarded_accuracy is not None:
+        rows.append((f"guarded accuracy (alpha={r.alpha})", f"{r.guarded_accuracy:.4f}"))
+    if r.acceptance_rate is not None:
+        rows.append(("acceptance rate (harmless images)", f"{r.acceptance_rate:.4f}"))
+    if r.ood_auroc is not None:
+        rows.append(("OOD AUROC (min error)", f"{r.ood_auroc:.4f}"))
+    rows.append(("rounds", f"{r.rounds}"))
+    rows.append(("max bytes downloaded per user", f"{max(r.bytes_downloaded.values(), default=0)}"))
+    rows.append(("registered users", f"{len(r.registered)}"))
+    rows.append(("failed users", f"{len(r.failed)}"))
+    wall = r.wall_seconds if r.wall_seconds is not None else float("nan")
+    rows.append(("wall seconds", f"{wall:.1f}"))
+    width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
-    per_class = results["per_class_accuracy"]
+    per_class = r.per_class_accuracy
     lines.append("per-class accuracy: " + "  ".join(f"{k}:{v:.3f}" for k, v in per_class.items()))
-    for user, reason in results["failed"].items():
+    for user, reason in r.failed.items():
         lines.append(f"failed user {user}: {reason}")
     return "\n".join(lines)
 
@@ -61,32 +57,31 @@ def check_resources(num_gpus: float, cuda_available: bool | None = None) -> None
         )
 
 
-def run_experiment(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Validate ``cfg``, run DOCL through ``flwr run``, and return the results."""
+def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
+    """Validate ``cfg``, run it through ``flwr run``, and return the results."""
     start = time.time()
     exp = build_experiment(cfg)  # fail fast on a bad config, before Flower starts
     check_resources(exp.simulation.num_gpus)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "experiment.yaml"
     OmegaConf.save(cfg, config_path, resolve=True)
-    num_users = len(exp.assignment)
     run_app(
         app_dir=PROJECT_ROOT,
         flwr_home=PROJECT_ROOT / ".flwr",
         run_config={keys.RUN_CONFIG_PATH: str(config_path), keys.RUN_OUT_DIR: str(out_dir)},
         federation_config={
-            "num-supernodes": num_users,
+            "num-supernodes": len(exp.assignment),
             "client-resources-num-cpus": exp.simulation.num_cpus,
             "client-resources-num-gpus": exp.simulation.num_gpus,
         },
         timeout_s=float(cfg.run_timeout_s),
     )
-    results_path = out_dir / "results.json"
+    results_path = out_dir / RESULTS_FILE
     if not results_path.is_file():
         raise FlowerRunError(f"the run completed but wrote no {results_path}")
-    results: dict[str, Any] = json.loads(results_path.read_text())
-    results["wall_seconds"] = time.time() - start
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    results = read_results(results_path)
+    results.wall_seconds = time.time() - start
+    write_results(results_path, results)
     return results
 
 
@@ -100,8 +95,8 @@ def hydra_main(cfg: DictConfig) -> float:
         log.error("run failed: %s", err)
         raise SystemExit(f"docl-flower: {err}") from err
     print(format_table(results))
-    print(f"results: {out_dir / 'results.json'}")
-    return float(results["overall_accuracy"])
+    print(f"results: {out_dir / RESULTS_FILE}")
+    return results.overall_accuracy
 
 
 def cli() -> None:

@@ -248,3 +248,37 @@ def imbalance_partition(
         fraction={k: f for k, (f, _) in enumerate(table)},
         shared_classes=True,
     )
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A per-client (per-autoencoder) seed derived from the experiment seed."""
+    state = np.random.SeedSequence([seed, *(k & 0xFFFFFFFF for k in keys)]).generate_state(1)
+    return int(state[0])
+
+
+def user_class_indices(
+    labels: NDArray[np.int64],
+    cls: int,
+    user: int,
+    *,
+    seed: int,
+    shards: int = 0,
+    fraction: float = 1.0,
+) -> NDArray[np.int64]:
+    """Training indices of one class that ``user`` holds.
+
+    With ``shards > 0`` (IID) the class is split into ``shards`` disjoint shards by one
+    permutation shared by every user, and the user holds shard ``user % shards``; with
+    ``fraction < 1`` the user keeps that share of its images (at least one), drawn with a
+    seed derived from ``seed``, ``user`` and ``cls``.
+    """
+    idx = class_indices(labels, cls)
+    if shards > 0:
+        # The same permutation for every user, so the shards are disjoint.
+        perm = np.random.default_rng([seed, cls]).permutation(idx)
+        idx = np.sort(perm[user % shards :: shards])
+    if fraction < 1.0:
+        keep = max(1, round(fraction * idx.size))
+        rng = np.random.default_rng(derive_seed(seed, user, cls))
+        idx = np.sort(rng.choice(idx, size=keep, replace=False))
+    return idx

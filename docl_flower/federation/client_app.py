@@ -1,7 +1,7 @@
 """ClientApp: train on the user's own partition only and reply with one upload.
 
-The train message's spec names the task (``_target_``-style): DOCL's one-class autoencoders,
-or a FedAvg-family classifier update.
+The train message's spec names the task, a key of :data:`TASKS`: DOCL's one-class
+autoencoders, or a FedAvg-family classifier update.
 """
 
 from __future__ import annotations
@@ -14,15 +14,22 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from hydra.utils import get_object
 from numpy.typing import NDArray
 
+from ..core.classifier import SgdSpec
+from ..core.classifier import train_classifier as sgd_train
+from ..core.config import ClientSpec
+from ..core.data import derive_seed
+from ..core.logs import setup_logging
+from ..core.model import (
+    AutoencoderSpec,
+    TrainSpec,
+    error_stats,
+    reconstruction_errors,
+    state_to_numpy,
+    train_autoencoder,
+)
 from . import keys
-from .classifier import train_classifier as sgd_train
-from .config import ClientSpec, derive_seed
-from .data import class_indices
-from .logs import setup_logging
-from .model import error_stats, reconstruction_errors, state_to_numpy, train_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +44,6 @@ def resolve_user(node_config: Mapping[str, object]) -> int:
         if key in node_config:
             return int(str(node_config[key]))
     raise ValueError("node config has neither 'user-id' nor 'partition-id'")
-
-
-def class_user_indices(
-    spec: ClientSpec, user: int, cls: int, labels: NDArray[np.int64]
-) -> NDArray[np.int64]:
-    """Training indices of one class that this user holds (IID shard and fraction applied)."""
-    idx = class_indices(labels, cls)
-    if spec.shards > 0:
-        # The same permutation for every user, so the shards are disjoint.
-        perm = np.random.default_rng([spec.seed, cls]).permutation(idx)
-        idx = np.sort(perm[user % spec.shards :: spec.shards])
-    frac = spec.fraction.get(user, 1.0)
-    if frac < 1.0:
-        keep = max(1, round(frac * idx.size))
-        rng = np.random.default_rng(derive_seed(spec.seed, user, cls))
-        idx = np.sort(rng.choice(idx, size=keep, replace=False))
-    return idx
-
-
-def user_indices(spec: ClientSpec, user: int, labels: NDArray[np.int64]) -> NDArray[np.int64]:
-    """All training indices of this user's partition."""
-    return np.concatenate(
-        [class_user_indices(spec, user, c, labels) for c in spec.assignment[user]]
-    )
 
 
 def _load(
@@ -103,9 +86,11 @@ def train_docl(
             }
         )
         return RecordDict({keys.METRICS_RECORD: skipped})
+    model_spec, train_spec = spec.model_spec(), spec.train_spec()
+    if not isinstance(model_spec, AutoencoderSpec) or not isinstance(train_spec, TrainSpec):
+        raise ValueError("the DOCL task needs an autoencoder model and its training recipe")
     images, labels = _load(spec, node_config)
     features = spec.features_obj()
-    model_spec, train_spec = spec.model_spec(), spec.train_spec()
     device = _device()
     arrays: dict[str, Array] = {}
     means: list[float] = []
@@ -114,10 +99,7 @@ def train_docl(
     start = time.perf_counter()
     for c in spec.assignment[user]:
         seed = derive_seed(spec.seed, user, c)
-        idx = np.concatenate(
-            [class_user_indices(spec, user, c, labels)]
-            + [class_indices(labels, v) for v in spec.extra_classes.get(user, [])]
-        )
+        idx = spec.training_indices(user, c, labels)
         if idx.size == 0:
             raise ValueError(f"user {user} holds no training image of class {c}")
         x = features(images[idx])
@@ -159,16 +141,19 @@ def train_classifier(
     config = content.config_records[keys.CONFIG_RECORD]
     server_round = int(str(config.get("server-round", 0)))
     proximal_mu = float(str(config.get("proximal-mu", 0.0)))
+    model_spec, sgd = spec.model_spec(), spec.train_spec()
+    if isinstance(model_spec, AutoencoderSpec) or not isinstance(sgd, SgdSpec):
+        raise ValueError("the classifier task needs a classifier model and SGD")
     images, labels = _load(spec, node_config)
-    idx = user_indices(spec, user, labels)
+    idx = spec.user_indices(user, labels)
     x, y = spec.features_obj()(images[idx]), torch.as_tensor(labels[idx])
-    model = spec.model_spec().build(int(x.shape[1]))  # type: ignore[attr-defined]
+    model = model_spec.build(int(x.shape[1]))
     model.load_state_dict(content.array_records[keys.ARRAYS_RECORD].to_torch_state_dict())
     seconds = sgd_train(
         model,
         x,
         y,
-        spec.train_spec(),  # type: ignore[arg-type]
+        sgd,
         derive_seed(spec.seed, user, server_round),
         proximal_mu=proximal_mu,
         device=_device(),
@@ -192,13 +177,20 @@ def idle(
     raise RuntimeError("this experiment sends no work to clients")
 
 
+#: The tasks a client runs, by the name a workflow's ``CLIENT_TASK`` gives: the message names
+#: one of these; nothing is imported or called by a name that arrives in a message.
+TASKS: dict[str, Task] = {"docl": train_docl, "classifier": train_classifier, "idle": idle}
+
+
 def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
     """Run the task the spec names for this node's user (Flower-free logic)."""
     spec = ClientSpec.from_json(str(content.config_records[keys.CONFIG_RECORD][keys.SPEC]))
     user = resolve_user(node_config)
     if user not in spec.assignment:
         raise ValueError(f"user {user} is not in this experiment's assignment")
-    task: Task = get_object(spec.task)
+    task = TASKS.get(spec.task)
+    if task is None:
+        raise ValueError(f"unknown task {spec.task!r}; this client runs {sorted(TASKS)}")
     return task(content, spec, user, node_config)
 
 

@@ -18,14 +18,10 @@ import numpy as np
 from hydra.utils import instantiate
 from PIL import Image
 
-from .filter import ArgminGuard, GlobalFilter, StrictGuard
-from .store import load_filter
+from ..core.filter import GUARDS, GlobalFilter
+from ..core.store import load_filter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-GUARDS: dict[str, type[ArgminGuard] | type[StrictGuard]] = {
-    "paper": ArgminGuard,
-    "strict": StrictGuard,
-}
 
 
 def collect(paths: Sequence[Path]) -> list[Path]:

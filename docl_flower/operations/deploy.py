@@ -14,116 +14,30 @@ which the ServerApp enforces (a node may only register the user it is bound to).
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import ipaddress
 import json
-import os
-import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from .launch import FlowerRunError, flwr_env, free_port, run_status
+from .credentials import make_certificates, make_node_keys
+from .processes import (
+    FlowerRunError,
+    flwr_env,
+    free_port,
+    run_status,
+    signal_group,
+    start_process,
+    stop_group,
+    stream_flwr_run,
+    wait_for_port,
+    write_connection,
+)
 
 #: Name of the connection in ``$FLWR_HOME/config.toml``.
 CONNECTION = "docl-deploy"
-
-_STARTED = re.compile(r"Successfully started run (\d+)")
-
-
-def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-
-
-def make_certificates(
-    folder: Path, hosts: Sequence[str], keep_ca_key: bool = False
-) -> tuple[Path, ...]:
-    """A private CA and a server certificate for ``hosts``; returns (ca, cert, key) paths.
-
-    With ``keep_ca_key`` the CA's private key is written too (``ca.key``, to sign more
-    certificates later; keep it offline), and its path is returned last.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "docl-flower CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    alt: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            alt.append(x509.DNSName(h))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(_pem(key))
-    paths[2].chmod(0o600)
-    if keep_ca_key:
-        ca_path = folder / "ca.key"
-        ca_path.write_bytes(_pem(ca_key))
-        ca_path.chmod(0o600)
-        return (*paths, ca_path)
-    return paths
-
-
-def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
-    """An EC key pair in OpenSSH format for one SuperNode; returns (private, public) paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-    )
-    private.chmod(0o600)
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    )
-    return private, public
 
 
 class DeploymentError(RuntimeError):
@@ -178,33 +92,9 @@ class LocalDeployment:
     def _start(
         self, cmd: list[str], log: Path, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        with log.open("ab") as handle:
-            proc = subprocess.Popen(
-                cmd,
-                env=dict(env or self.env),
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_process(cmd, log, env or self.env)
         self._procs.append(proc)
         return proc
-
-    @staticmethod
-    def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-
-    @classmethod
-    def _stop(cls, proc: subprocess.Popen[bytes] | None, sig: int, grace_s: float = 15.0) -> None:
-        """Send ``sig`` to the process group, wait, then SIGKILL whatever is left of it."""
-        if proc is None:
-            return
-        if proc.poll() is None:
-            cls._signal_group(proc, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace_s)
-        cls._signal_group(proc, signal.SIGKILL)
-        proc.wait(timeout=grace_s)
 
     @property
     def superlink_log(self) -> Path:
@@ -230,31 +120,15 @@ class LocalDeployment:
             cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert)]
             cmd += ["--ssl-keyfile", str(key), "--enable-supernode-auth"]
         self.superlink = self._start(cmd, self.superlink_log)
-        end = time.monotonic() + startup_s
-        while True:
-            if self.superlink.poll() is not None:
-                raise DeploymentError(
-                    f"flower-superlink exited with {self.superlink.returncode}; "
-                    f"see {self.superlink_log}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > end:
-                    raise DeploymentError(
-                        f"the SuperLink does not listen after {startup_s:.0f}s; "
-                        f"see {self.superlink_log}"
-                    ) from None
-                time.sleep(0.3)
-        conn = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        conn += f'address = "127.0.0.1:{self.port}"\n'
-        conn += f'root-certificates = "{self.ca}"\n' if self.ca else "insecure = true\n"
-        (self.flwr_home / "config.toml").write_text(conn, encoding="utf-8")
+        try:
+            wait_for_port(self.superlink, self.port, self.superlink_log, startup_s)
+        except FlowerRunError as err:
+            raise DeploymentError(str(err)) from err
+        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.port}", self.ca)
 
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink's process group (the ServerApp of a running run dies too)."""
-        self._stop(self.superlink, signal.SIGKILL)
+        stop_group(self.superlink, signal.SIGKILL)
 
     def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run one ``flwr`` CLI command against this deployment."""
@@ -340,7 +214,7 @@ class LocalDeployment:
 
     def kill_node(self, user: int) -> None:
         """SIGKILL the SuperNode of ``user`` and its ClientApp (a device that dies)."""
-        self._stop(self.nodes[user].proc, signal.SIGKILL)
+        stop_group(self.nodes[user].proc, signal.SIGKILL)
 
     def bindings(self) -> dict[int, int]:
         """Node id -> user id of every registered SuperNode key."""
@@ -365,33 +239,19 @@ class LocalDeployment:
         cmd += ["--run-config", run_config]
         if echo:
             print(" ".join(cmd), flush=True)
-        proc = subprocess.Popen(
-            cmd,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        )
-        assert proc.stdout is not None
-        run_id: int | None = None
-        watchdog = threading.Timer(timeout_s, proc.kill)
-        watchdog.start()
         try:
-            with (self.out / "flwr-run.log").open("a", encoding="utf-8") as log:
-                for line in proc.stdout:
-                    log.write(line)
-                    if echo:
-                        print(line, end="", flush=True)
-                    found = _STARTED.search(line)
-                    if found and run_id is None:
-                        run_id = int(found.group(1))
-        finally:
-            watchdog.cancel()
-        proc.wait()
-        if run_id is None:
-            return None, f"not started (flwr run exited with {proc.returncode})"
-        return run_id, self.run_status(run_id)
+            run = stream_flwr_run(
+                cmd,
+                self.env,
+                timeout_s,
+                echo=sys.stdout if echo else None,
+                log_path=self.out / "flwr-run.log",
+            )
+        except FlowerRunError as err:
+            return None, str(err)
+        if run.run_id is None:
+            return None, f"not started (flwr run exited with {run.returncode})"
+        return run.run_id, self.run_status(run.run_id)
 
     def run_status(self, run_id: int) -> str:
         """Status of one run as ``flwr list`` reports it (e.g. ``finished:completed``)."""
@@ -404,9 +264,9 @@ class LocalDeployment:
         """Stop every process this deployment started (SIGTERM, then SIGKILL)."""
         for proc in reversed(self._procs):
             if proc.poll() is None:
-                self._signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
         for proc in self._procs:
-            self._stop(proc, signal.SIGTERM)
+            stop_group(proc, signal.SIGTERM)
 
     def __enter__(self) -> LocalDeployment:
         return self

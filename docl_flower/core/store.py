@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,11 @@ import numpy as np
 from numpy.typing import NDArray
 from safetensors.numpy import load_file, save_file
 
+from .files import atomic_write, write_json_atomic
 from .filter import Registration
 from .model import PARAM_NAMES
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "autoencoders.safetensors"
@@ -39,17 +42,6 @@ def content_hash(params: Mapping[str, NDArray[np.float32]]) -> str:
     for name in PARAM_NAMES:
         digest.update(np.ascontiguousarray(params[name], dtype=np.float32).tobytes())
     return digest.hexdigest()
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _entry(key: int | str, reg: Registration, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,9 +81,9 @@ def save_filter(
         for name in PARAM_NAMES:
             tensors[f"history/{k}/{name}"] = np.ascontiguousarray(reg.params[name], np.float32)
         past.append(_entry(f"history/{k}", reg, meta_k))
-    _atomic(folder / TENSORS_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(folder / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = {"format": FORMAT_VERSION, "entries": entries, "history": past, **dict(info or {})}
-    _atomic(folder / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_json_atomic(folder / META_FILE, meta)
 
 
 #: Keys of an entry that describe the registration itself (the rest is free metadata).
@@ -135,3 +127,62 @@ def load_history(
     """Replaced versions kept in a saved filter, with their metadata (hashes checked)."""
     tensors = load_file(str(folder / TENSORS_FILE))
     return [(_registration(folder, tensors, e), entry_extra(e)) for e in meta.get("history", [])]
+
+
+Entry = tuple[Registration, dict[str, Any]]
+
+
+class PersistentFilter:
+    """The saved global filter of a DOCL deployment: load once, rewrite after each registration.
+
+    Registrations already in the folder stand unless their user registers again; the replaced
+    version moves to the file's history (with ``replaced_at``).
+
+    Parameters
+    ----------
+    folder : Path
+        Where the filter lives (created on the first registration).
+    info : mapping
+        Filter-wide metadata written into ``filter.json`` (the run's config).
+    """
+
+    def __init__(self, folder: Path, info: Mapping[str, Any]) -> None:
+        self.folder = folder
+        self.info = dict(info)
+        self.entries: list[Entry] = []
+        self.history: list[Entry] = []
+        if (folder / META_FILE).is_file():
+            regs, meta = load_filter(folder)
+            self.entries = [(r, entry_extra(e)) for r, e in zip(regs, meta["entries"], strict=True)]
+            self.history = load_history(folder, meta)
+            log.info("loaded %d autoencoders from %s", len(regs), folder)
+
+    @property
+    def users(self) -> set[int]:
+        """Users with an autoencoder in the filter."""
+        return {r.user_id for r, _ in self.entries}
+
+    @property
+    def registrations(self) -> list[Registration]:
+        """Every registration in the filter, in file order."""
+        return [r for r, _ in self.entries]
+
+    def register(
+        self, user: int, registrations: Sequence[Registration], metas: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Add (or replace) ``user``'s autoencoders with their metadata and save atomically."""
+        if any(r.user_id != user for r in registrations):
+            raise ValueError(f"registrations of another user than {user}")
+        now = time.time()
+        self.history += [
+            (r, {**e, "replaced_at": now}) for r, e in self.entries if r.user_id == user
+        ]
+        self.entries = [(r, e) for r, e in self.entries if r.user_id != user]
+        self.entries += [(r, dict(m)) for r, m in zip(registrations, metas, strict=True)]
+        self.save()
+
+    def save(self) -> None:
+        """Rewrite the folder with the current entries and history."""
+        regs = self.registrations
+        extra = {k: e for k, (_, e) in enumerate(self.entries)}
+        save_filter(self.folder, regs, extra, info=self.info, history=self.history)

@@ -1,0 +1,1 @@
+"""The Flower-free core: data, features, model, filter, metrics, store (no flwr import)."""

@@ -1,0 +1,190 @@
+"""A fused AVX-512 kernel for the decoder half of the global filter, built on first use.
+
+The decoder product, the sigmoid, the difference to the image and the sum of squares run in
+one pass over register tiles, so the ``(images, D)`` decoder output never reaches memory
+(see :meth:`docl_flower.core.filter.GlobalFilter.scores`). The C++ source,
+``native_kernel.cpp`` (package data next to this module), is compiled once per process
+with the system C++ compiler (``$CXX``, else ``g++``/``c++``) and
+``-march=native``, cached on disk by a hash of source, flags and CPU flags, and loaded with
+:mod:`ctypes`. It uses OpenMP; linked against the ``libgomp`` that PyTorch already loaded, it
+shares PyTorch's worker threads.
+
+:func:`load` returns ``None`` (and logs why) where no compiler, no AVX-512 or no x86-64 is
+available; the filter then scores with plain PyTorch.
+
+Math, per autoencoder and image (``t`` is computed directly, the decoder rows being
+pre-multiplied by ``-log2(e)`` when packed): ``t = -log2(e) * (W2 h + b2)``,
+``sigmoid = 1 / (1 + 2^t)``, ``2^t = 2^n * p(t - n)`` with ``n = round(t)`` and ``p`` a
+degree-6 polynomial (relative error about 1e-7 on ``[-1/2, 1/2]``), ``1 / d`` by ``rcp14``
+and one Newton step. The result matches the PyTorch path to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: ``-log2(e)``: the decoder is packed as ``-log2(e) * (W2, b2)`` for the kernel.
+NEG_LOG2E = -1.4426950408889634
+
+#: The kernel's C++ source, shipped as package data next to this module.
+_SOURCE_FILE = Path(__file__).with_name("native_kernel.cpp")
+
+
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-Wall",
+    "-Wextra",
+    "-Wno-maybe-uninitialized",
+)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The loaded kernel: its ctypes handle, image tile width and build time.
+
+    Attributes
+    ----------
+    lib : ctypes.CDLL
+        Exposes ``docl_score``, ``docl_transpose`` (see the C++ source) and ``docl_lanes``.
+    lanes : int
+        Images per tile; the image count passed to ``docl_score`` must be a multiple.
+    build_seconds : float
+        Seconds spent compiling in this process (0 when loaded from the disk cache).
+    path : Path
+        The shared library.
+    """
+
+    lib: ctypes.CDLL
+    lanes: int
+    build_seconds: float
+    path: Path
+
+
+_lock = threading.Lock()
+_loaded: dict[str, Kernel | None] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DOCL_FLOWER_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    try:
+        base = Path(root) if root else Path.home() / ".cache"
+        path = base / "docl_flower" / "native"
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except (OSError, RuntimeError):  # RuntimeError: no home directory
+        path = Path(tempfile.gettempdir()) / f"docl_flower-native-{os.getuid()}"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build() -> Kernel | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        log.warning("fused scoring kernel: needs x86-64, not %s", platform.machine())
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        log.warning("fused scoring kernel: no C++ compiler found ($CXX, g++, c++)")
+        return None
+    try:
+        source = _SOURCE_FILE.read_text(encoding="utf-8")
+    except OSError as err:
+        log.warning("fused scoring kernel: cannot read its source: %s", err)
+        return None
+    key = hashlib.sha256("\0".join([source, cxx, *_FLAGS, _cpu_flags()]).encode()).hexdigest()
+    path = _cache_dir() / f"score-{key[:16]}.so"
+    seconds = 0.0
+    if not path.exists():
+        src = path.with_suffix(f".{os.getpid()}.cpp")
+        tmp = path.with_suffix(f".{os.getpid()}.so")
+        src.write_text(source)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [cxx, *_FLAGS, str(src), "-o", str(tmp)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            log.warning("fused scoring kernel: %s failed: %s", cxx, err)
+            return None
+        finally:
+            src.unlink(missing_ok=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            log.warning(
+                "fused scoring kernel: compilation failed (%s):\n%s", cxx, proc.stderr[-2000:]
+            )
+            return None
+        os.replace(tmp, path)
+        log.info("fused scoring kernel: built %s in %.1f s", path, seconds)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        log.warning("fused scoring kernel: cannot load %s: %s", path, err)
+        return None
+    lib.docl_lanes.restype = ctypes.c_int
+    lib.docl_lanes.argtypes = []
+    lib.docl_score.restype = None
+    ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.docl_score.argtypes = [ptr, long_, ptr, ptr, ptr, ptr, long_, ptr, long_, long_]
+    lib.docl_score.argtypes += [int_] * 6
+    lib.docl_transpose.restype = None
+    lib.docl_transpose.argtypes = [ptr, long_, int_, int_, ptr, long_, int_, int_]
+    return Kernel(lib, int(lib.docl_lanes()), seconds, path)
+
+
+def load() -> Kernel | None:
+    """The kernel, built (or read from the disk cache) once per process; ``None`` if unusable.
+
+    Failures are logged as warnings once; the caller then uses the PyTorch path.
+    """
+    with _lock:
+        if "score" not in _loaded:
+            try:
+                _loaded["score"] = _build()
+            except OSError as err:  # e.g. an unwritable cache directory
+                log.warning("fused scoring kernel: %s", err)
+                _loaded["score"] = None
+            if _loaded["score"] is None:
+                log.warning("fused scoring kernel unavailable: scoring with PyTorch operations")
+        return _loaded["score"]

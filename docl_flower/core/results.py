@@ -1,0 +1,99 @@
+"""The results of one run (``results.json``): one typed object, written and read here only.
+
+Every workflow returns a :class:`RunResult`; the ServerApp adds the resolved config and its
+own time and writes it; ``docl-flower`` adds the wall time of the whole command; the scripts
+read it back with :func:`read_results`. The JSON keys are the field names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .files import write_json_atomic
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class RunResult:
+    """What one run measured (DOCL or a baseline); optional fields are ``None`` where N/A.
+
+    Keys of the per-user mappings are user ids as strings (JSON object keys); baselines key a
+    node that never named its user ``node-<id>``.
+    """
+
+    method: str
+    overall_accuracy: float
+    per_class_accuracy: dict[str, float]
+    rounds: int
+    registered: list[int]
+    failed: dict[str, str]
+    bytes_uploaded: dict[str, int]
+    bytes_downloaded: dict[str, int]
+    receives_others_parameters: bool
+    train_seconds: dict[str, float]
+    # --- DOCL: the Guard and the filter
+    alpha: float | None = None
+    guard: str | None = None
+    guarded_accuracy: float | None = None
+    acceptance_rate: float | None = None
+    ood_auroc: float | None = None
+    num_test_images: int | None = None
+    num_harmless_images: int | None = None
+    already_registered: list[int] = field(default_factory=list)
+    filter_users: list[int] = field(default_factory=list)
+    registered_classes: dict[str, list[int]] = field(default_factory=dict)
+    node_errors: dict[str, str] = field(default_factory=dict)
+    bindings_enforced: bool = False
+    unbound_nodes: list[int] = field(default_factory=list)
+    received_array_records: dict[str, int] = field(default_factory=dict)
+    trained_on_cuda: dict[str, bool] = field(default_factory=dict)
+    filter_path: str | None = None
+    # --- baselines
+    accuracy_curve: list[dict[str, float]] = field(default_factory=list)
+    uploads_raw_images: bool = False
+    # --- added by the ServerApp and by ``docl-flower``
+    server_seconds: float | None = None
+    wall_seconds: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def worst_class_accuracy(self) -> float:
+        """The lowest per-class accuracy."""
+        return min(self.per_class_accuracy.values(), default=float("nan"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``results.json`` layout)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunResult:
+        """Parse a ``results.json`` payload; unknown keys are an error (a different format)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"not a docl-flower results file: unknown keys {unknown}")
+        return cls(**raw)
+
+
+def write_results(path: Path, result: RunResult) -> None:
+    """Write ``result`` to ``path`` atomically."""
+    write_json_atomic(path, result.to_dict())
+
+
+def read_results(path: Path) -> RunResult:
+    """Read a ``results.json`` written by :func:`write_results`."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read results {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    try:
+        return RunResult.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err

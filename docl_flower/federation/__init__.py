@@ -1,0 +1,1 @@
+"""The Flower layer: ClientApp, ServerApp, strategies and workflows (imports the core only)."""

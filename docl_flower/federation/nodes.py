@@ -1,0 +1,48 @@
+"""Which nodes take part: waiting for connections, and the operator's node -> user bindings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Collection
+from pathlib import Path
+
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+
+def wait_for_nodes(
+    grid: Grid,
+    expected: int,
+    deadline_s: float,
+    poll_s: float = 1.0,
+    required: Collection[int] | None = None,
+) -> list[int]:
+    """Wait until ``expected`` nodes (or every node in ``required``) are connected.
+
+    Returns the nodes present when that happens or when the deadline passes.
+    """
+    start = time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        done = set(required) <= set(nodes) if required is not None else len(nodes) >= expected
+        if done or time.monotonic() - start >= deadline_s:
+            return nodes
+        log.info("Waiting for nodes: %d/%d connected", len(nodes), expected)
+        time.sleep(poll_s)
+
+
+def load_bindings(path: str | Path) -> dict[int, int]:
+    """Read the operator's node -> user bindings: a JSON object ``{"<node id>": user id}``."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read node bindings {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"node bindings {path}: expected a JSON object node id -> user id")
+    try:
+        return {int(node): int(user) for node, user in raw.items()}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"node bindings {path}: node and user ids must be integers") from err

@@ -1,0 +1,129 @@
+"""DOCL: register every user's autoencoder(s) once, compose and evaluate the global filter."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from ...core.config import Experiment
+from ...core.filter import GlobalFilter, Registration
+from ...core.metrics import evaluate
+from ...core.model import AutoencoderSpec
+from ...core.results import RunResult
+from ...core.store import PersistentFilter
+from .. import keys
+from ..grids import StreamingGrid
+from ..nodes import load_bindings
+from ..strategy import RegisterOnce, RegistrationOutcome
+from ..uploads import UploadRules
+from . import test_set
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Docl:
+    """DOCL: register every user's autoencoder(s) once, compose and evaluate the global filter."""
+
+    CLIENT_TASK: ClassVar[str] = "docl"
+    node_wait_s: float = 120.0
+    timeout_s: float = 3600.0
+    filter_path: str | None = None
+    replace_existing: bool = False
+    bindings_path: str | None = None
+
+    def run(self, grid: Grid, exp: Experiment, out_dir: Path) -> RunResult:
+        """Register the users not in the saved filter yet, persist each registration, evaluate.
+
+        The filter lives in ``filter_path`` (default: ``OUT/filter``). Users already in it skip
+        training; with ``replace_existing`` they retrain, and their previous version moves to
+        the file's history. With ``bindings_path`` (the operator's node -> user JSON), a node
+        may only register the user it is bound to.
+        """
+        if not isinstance(exp.model, AutoencoderSpec):
+            raise ValueError(f"DOCL trains autoencoders; model is a {type(exp.model).__name__}")
+        bindings = load_bindings(self.bindings_path) if self.bindings_path else None
+        x_test, y_test = test_set(exp)
+        dim = int(x_test.shape[1])
+        rules = UploadRules(shapes=exp.model.shapes(dim), max_error=float(dim))
+        filter_dir = Path(self.filter_path) if self.filter_path else out_dir / "filter"
+        store = PersistentFilter(filter_dir, {"config": exp.config})
+        spec = exp.client_spec
+
+        def persist(user: int, regs: Sequence[Registration], outcome: RegistrationOutcome) -> None:
+            metas = [
+                {
+                    "node_id": outcome.nodes.get(user),
+                    "registered_at": outcome.registered_at.get(user),
+                    "fraction": spec.fraction.get(user, 1.0),
+                    "trained_on": sorted({r.label, *spec.extra_classes.get(user, [])}),
+                }
+                for r in regs
+            ]
+            store.register(user, regs, metas)
+
+        strategy = RegisterOnce(
+            exp.assignment,
+            rules,
+            node_wait_s=self.node_wait_s,
+            existing_users=store.users,
+            replace_existing=self.replace_existing,
+            on_register=persist,
+            bindings=bindings,
+        )
+        config = ConfigRecord({keys.SPEC: spec.to_json()})
+        if store.users and not self.replace_existing:
+            config[keys.REGISTERED_USERS] = sorted(store.users)
+        strategy.start(
+            grid=StreamingGrid(grid, strategy.handle_reply),
+            initial_arrays=ArrayRecord(),
+            num_rounds=1,
+            timeout=self.timeout_s,
+            train_config=config,
+        )
+        outcome = strategy.outcome
+        regs = store.registrations
+        if not regs:
+            raise RuntimeError(f"no autoencoder was registered; failures: {outcome.failed}")
+        flt = GlobalFilter(sorted(regs, key=lambda r: r.label), exp.scoring)
+        harmless = None
+        if exp.harmless is not None:
+            harmless = exp.features(exp.harmless.load("test")[0])
+        ev = evaluate(flt, exp.guard, x_test, y_test, harmless)
+        return RunResult(
+            method="docl",
+            overall_accuracy=ev.overall_accuracy,
+            per_class_accuracy={str(k): v for k, v in ev.per_class_accuracy.items()},
+            alpha=ev.alpha,
+            guard=type(exp.guard).__name__,
+            guarded_accuracy=ev.guarded_accuracy,
+            acceptance_rate=ev.acceptance_rate,
+            ood_auroc=ev.ood_auroc,
+            num_test_images=int(torch.isin(y_test, flt.labels).sum()),
+            num_harmless_images=None if harmless is None else int(harmless.shape[0]),
+            rounds=1,
+            registered=sorted(outcome.registered),
+            already_registered=sorted(outcome.skipped),
+            filter_users=sorted({r.user_id for r in regs}),
+            registered_classes={str(u): c for u, c in sorted(outcome.registered.items())},
+            failed={str(u): r for u, r in sorted(outcome.failed.items())},
+            node_errors={str(n): r for n, r in outcome.node_errors.items()},
+            bindings_enforced=bindings is not None,
+            unbound_nodes=outcome.unbound_nodes,
+            bytes_uploaded={str(u): b for u, b in sorted(outcome.bytes_uploaded.items())},
+            bytes_downloaded={str(u): b for u, b in sorted(outcome.bytes_downloaded.items())},
+            received_array_records={
+                str(u): n for u, n in sorted(outcome.received_array_records.items())
+            },
+            receives_others_parameters=False,
+            train_seconds={str(u): s for u, s in sorted(outcome.train_seconds.items())},
+            trained_on_cuda={str(u): c for u, c in sorted(outcome.cuda.items())},
+            filter_path=str(filter_dir),
+        )

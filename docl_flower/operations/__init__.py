@@ -1,0 +1,1 @@
+"""Operations: the ``docl-flower`` command, simulations, deployments, ``filter check``."""

@@ -1,0 +1,111 @@
+"""Launch a Flower simulation through ``flwr run`` with a project-local FLWR_HOME.
+
+The command starts its own simulation SuperLink on a free loopback port, runs the app, reads
+the run's final status, and always stops the SuperLink it started (also on SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+
+from .processes import (
+    FlowerRunError,
+    flwr_bin,
+    flwr_env,
+    format_config,
+    free_port,
+    run_status,
+    start_process,
+    stop_group,
+    stream_flwr_run,
+    wait_for_port,
+    write_connection,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "docl-sim"
+
+__all__ = ["CONNECTION", "FlowerRunError", "LocalSuperLink", "local_superlink", "run_app"]
+
+
+@dataclass
+class LocalSuperLink:
+    """A simulation SuperLink owned by this process."""
+
+    process: Popen[bytes]
+    control_address: str
+    log_path: Path
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the SuperLink and everything it spawned (its process group)."""
+        stop_group(self.process, grace_s=grace_s)
+
+
+@contextmanager
+def local_superlink(flwr_home: Path, startup_s: float = 60.0) -> Iterator[LocalSuperLink]:
+    """Start a simulation SuperLink on a free port; stop it on exit, also on error."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = flwr_home / f"superlink-{port}.log"
+    cmd = [
+        flwr_bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),  # 1.42 serves the Control, Fleet and Runtime APIs on one port
+        "--disable-runtime-dependency-installation",
+    ]
+    link = LocalSuperLink(
+        start_process(cmd, log_path, flwr_env(flwr_home)), f"127.0.0.1:{port}", log_path
+    )
+    try:
+        wait_for_port(link.process, port, log_path, startup_s)
+        yield link
+    finally:
+        link.stop()
+
+
+def run_app(
+    app_dir: Path,
+    flwr_home: Path,
+    run_config: Mapping[str, object],
+    federation_config: Mapping[str, object],
+    timeout_s: float = 3600.0,
+) -> int:
+    """Run the Flower app in simulation and return its run id; raise if it did not complete."""
+    with local_superlink(flwr_home) as link:
+        write_connection(flwr_home, CONNECTION, link.control_address)
+        cmd = [
+            flwr_bin("flwr"),
+            "run",
+            str(app_dir),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            format_config(run_config),
+            "--federation-config",
+            format_config(federation_config),
+        ]
+        log.info("%s", " ".join(cmd))
+        run = stream_flwr_run(cmd, flwr_env(flwr_home), timeout_s, echo=sys.stdout)
+        if run.returncode != 0:
+            raise FlowerRunError(f"flwr run exited with code {run.returncode}: {run.last_error}")
+        run_id, status = run_status(flwr_home, run.run_id, CONNECTION)
+        if status != "finished:completed":
+            raise FlowerRunError(
+                f"Flower run {run_id} ended with status {status!r}"
+                + (f": {run.last_error}" if run.last_error else "")
+                + f" (full log above; SuperLink log {link.log_path})"
+            )
+        return run_id
