@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from docl_flower.core import native
+
 from .conftest import make_tiny_root
 
 pytestmark = pytest.mark.slow
@@ -57,6 +59,9 @@ def test_three_user_simulation_writes_results_and_sends_no_parameters(tiny_root,
     assert results["config"]["num_users"] == 3
     assert all(s > 0 for s in results["train_seconds"].values())
     assert "overall accuracy" in proc.stdout and "results:" in proc.stdout
+    # The ServerApp runs from the app bundle, which cannot carry the kernel's C++ source: it
+    # must still score with the same kernel as this process.
+    assert results["scoring_kernel"] == ("native" if native.load() is not None else "torch")
 
 
 def test_a_failing_client_is_reported_while_the_others_register(tmp_path):

@@ -7,7 +7,7 @@ client needs travels as JSON (:class:`ClientSpec`) inside the train message's Co
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -22,6 +22,7 @@ from .classifier import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
 from .data import IdxDataset, Partition, class_indices, user_class_indices
 from .features import FeatureExtractor
 from .filter import Guard, ScoringConfig, make_guard
+from .install import PACKAGE_ROOT, project_root
 from .model import AutoencoderSpec, TrainSpec
 
 #: What the ``model`` group builds: DOCL's autoencoder or a baseline's classifier.
@@ -200,6 +201,31 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         raise ValueError(f"invalid config: {err}") from err
 
 
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The Hydra config of ``conf/`` (shipped with this copy of the package) with ``overrides``.
+
+    What ``docl-flower`` composes from the command line, for callers without it (a ServerApp
+    started by ``flwr run .``). Raises ``ValueError`` for an override Hydra rejects.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    conf = PACKAGE_ROOT / "conf"
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(f"invalid overrides {list(overrides)}: {err}") from err
+
+
+def overridden_keys(overrides: Sequence[str]) -> set[str]:
+    """The config keys that Hydra ``overrides`` set (``+a.b=1`` and ``a.b=1`` give ``a.b``)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+
+
 def load_experiment(path: Path) -> Experiment:
     """Read a resolved config saved as YAML (``experiment.yaml``) and build the experiment."""
     cfg = OmegaConf.load(path)
@@ -253,8 +279,8 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
     )
 
 
-#: The repository root (holds ``pyproject.toml``, the Flower app directory, and ``data/``).
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: The project folder (holds ``pyproject.toml``, ``conf/`` and ``data/``).
+PROJECT_ROOT = project_root()
 
 if not OmegaConf.has_resolver("docl.project_root"):
     OmegaConf.register_new_resolver("docl.project_root", lambda: str(PROJECT_ROOT))

@@ -34,13 +34,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .install import package_file
+
 log = logging.getLogger(__name__)
 
 #: ``-log2(e)``: the decoder is packed as ``-log2(e) * (W2, b2)`` for the kernel.
 NEG_LOG2E = -1.4426950408889634
 
-#: The kernel's C++ source, shipped as package data next to this module.
-_SOURCE_FILE = Path(__file__).with_name("native_kernel.cpp")
+#: The kernel's C++ source: package data next to this module (see :func:`_read_source`).
+_SOURCE_NAME = "native_kernel.cpp"
+_SOURCE_FILE = Path(__file__).with_name(_SOURCE_NAME)
+
+
+def _read_source() -> str | None:
+    """The C++ source: next to this module, else in the installed distribution.
+
+    A Flower app bundle carries only Python, TOML, Markdown, YAML and JSON files, so a
+    ServerApp imported from the bundle reads the source of the installed ``docl-flower``.
+    """
+    found = (
+        _SOURCE_FILE if _SOURCE_FILE.is_file() else package_file(f"docl_flower/core/{_SOURCE_NAME}")
+    )
+    if found is None:
+        return None
+    try:
+        return found.read_text(encoding="utf-8")
+    except OSError:
+        return None
 
 
 _FLAGS = (
@@ -122,10 +142,9 @@ def _build() -> Kernel | None:
     if cxx is None:
         log.warning("fused scoring kernel: no C++ compiler found ($CXX, g++, c++)")
         return None
-    try:
-        source = _SOURCE_FILE.read_text(encoding="utf-8")
-    except OSError as err:
-        log.warning("fused scoring kernel: cannot read its source: %s", err)
+    source = _read_source()
+    if source is None:
+        log.warning("fused scoring kernel: %s not found (an app bundle, no install?)", _SOURCE_NAME)
         return None
     key = hashlib.sha256("\0".join([source, cxx, *_FLAGS, _cpu_flags()]).encode()).hexdigest()
     path = _cache_dir() / f"score-{key[:16]}.so"

@@ -53,9 +53,13 @@ class RunResult:
     received_array_records: dict[str, int] = field(default_factory=dict)
     trained_on_cuda: dict[str, bool] = field(default_factory=dict)
     filter_path: str | None = None
+    #: The scoring path the ServerApp's filter used (``native`` or ``torch``).
+    scoring_kernel: str | None = None
     # --- baselines
     accuracy_curve: list[dict[str, float]] = field(default_factory=list)
     uploads_raw_images: bool = False
+    #: ``num_users`` was taken from the federation's node count (``flwr run .``), not the config.
+    users_from_federation: bool = False
     # --- added by the ServerApp and by ``docl-flower``
     server_seconds: float | None = None
     wall_seconds: float | None = None

@@ -3,6 +3,8 @@
 # Run config (pyproject [tool.flwr.app.config])
 RUN_CONFIG_PATH = "config-path"
 RUN_OUT_DIR = "out-dir"
+#: Hydra overrides for a run started with ``flwr run .`` (used when ``config-path`` is empty).
+RUN_OVERRIDES = "overrides"
 
 # Server -> client (config-only message)
 CONFIG_RECORD = "config"

@@ -46,3 +46,25 @@ def load_bindings(path: str | Path) -> dict[int, int]:
         return {int(node): int(user) for node, user in raw.items()}
     except (TypeError, ValueError) as err:
         raise ValueError(f"node bindings {path}: node and user ids must be integers") from err
+
+
+def federation_nodes(
+    grid: Grid, deadline_s: float = 120.0, settle_s: float = 2.0, poll_s: float = 0.5
+) -> list[int]:
+    """The nodes of the federation: wait for the first, then until none joins for ``settle_s``.
+
+    For a run whose number of users follows the federation (``flwr run .`` without
+    ``num_users``). Returns ``[]`` when no node connects before the deadline.
+    """
+    start = time.monotonic()
+    seen: list[int] = []
+    stable_since = start
+    while time.monotonic() - start < deadline_s:
+        nodes = sorted(grid.get_node_ids())
+        now = time.monotonic()
+        if nodes != seen:
+            seen, stable_since = nodes, now
+        elif seen and now - stable_since >= settle_s:
+            break
+        time.sleep(poll_s)
+    return seen

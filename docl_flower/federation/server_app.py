@@ -1,37 +1,91 @@
-"""ServerApp: run the configured workflow (DOCL or a baseline) and write ``results.json``."""
+"""ServerApp: run the configured workflow (DOCL or a baseline) and write ``results.json``.
+
+Two entry points reach it. ``docl-flower`` (Hydra on the command line) resolves the config,
+saves it as YAML and passes its path in the run config (``config-path``). ``flwr run .`` (the
+Flower way) passes no path: the ServerApp then composes the config from ``conf/`` itself,
+with the Hydra overrides of the run-config key ``overrides``; unless they set ``num_users``,
+the number of users is the number of nodes in the federation.
+"""
 
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
 
-from ..core.config import load_experiment
+from ..core.config import (
+    PROJECT_ROOT,
+    Experiment,
+    build_experiment,
+    compose_config,
+    load_experiment,
+    overridden_keys,
+)
 from ..core.logs import setup_logging
 from ..core.results import RESULTS_FILE, write_results
 from . import keys
+from .nodes import federation_nodes
 from .workflows import as_workflow
 
 log = logging.getLogger(__name__)
 
 app = ServerApp()
 
+#: Config file that every run folder holds (the resolved experiment).
+EXPERIMENT_FILE = "experiment.yaml"
+
+
+def experiment_for(
+    context: Context, grid: Grid, now: float | None = None
+) -> tuple[Experiment, Path, bool]:
+    """The experiment of this run, its output folder, and whether users follow the federation.
+
+    Raises ``ValueError`` for a bad config or overrides, with the reason.
+    """
+    run_config = context.run_config
+    config_path = str(run_config.get(keys.RUN_CONFIG_PATH, ""))
+    out = str(run_config.get(keys.RUN_OUT_DIR, ""))
+    overrides = shlex.split(str(run_config.get(keys.RUN_OVERRIDES, "")))
+    if config_path:
+        if overrides:
+            raise ValueError("give either 'config-path' or 'overrides' in the run config")
+        if not out:
+            raise ValueError("'config-path' needs 'out-dir' in the run config")
+        return load_experiment(Path(config_path)), Path(out), False
+    cfg = compose_config(overrides)
+    from_federation = "num_users" not in overridden_keys(overrides)
+    if from_federation:
+        nodes = federation_nodes(grid)
+        if not nodes:
+            raise ValueError("no node joined the federation: nothing to run")
+        log.info("num_users follows the federation: %d nodes", len(nodes))
+        cfg.num_users = len(nodes)
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(now))
+    out_dir = Path(out) if out else PROJECT_ROOT / "outputs" / "flwr" / stamp
+    exp = build_experiment(cfg)  # validate before anything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / EXPERIMENT_FILE, resolve=True)
+    return exp, out_dir, from_federation
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Load the experiment the Hydra entry point wrote, run its workflow, write the results."""
+    """Build the experiment, run its workflow, write the results."""
     setup_logging()
     started = time.time()
-    config_path = str(context.run_config[keys.RUN_CONFIG_PATH])
-    out_dir = Path(str(context.run_config[keys.RUN_OUT_DIR]))
-    if not config_path:
-        raise ValueError("run config 'config-path' is empty: launch through `docl-flower`")
-    exp = load_experiment(Path(config_path))
+    try:
+        exp, out_dir, from_federation = experiment_for(context, grid)
+    except ValueError as err:
+        log.error("docl-flower: %s", err)
+        raise
     result = as_workflow(exp.workflow).run(grid, exp, out_dir)
     result.server_seconds = time.time() - started
+    result.users_from_federation = from_federation
     result.config = exp.config
     write_results(out_dir / RESULTS_FILE, result)
     log.info("results written to %s", out_dir / RESULTS_FILE)

@@ -126,4 +126,5 @@ class Docl:
             train_seconds={str(u): s for u, s in sorted(outcome.train_seconds.items())},
             trained_on_cuda={str(u): c for u, c in sorted(outcome.cuda.items())},
             filter_path=str(filter_dir),
+            scoring_kernel=flt.kernel,
         )

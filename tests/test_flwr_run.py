@@ -1,0 +1,89 @@
+"""`flwr run .` in the project root, as a Flower user starts any app (fresh FLWR_HOME)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def flwr(home: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),  # an active venv
+        "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+    }
+    return subprocess.run(
+        [str(BIN / "flwr"), *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def statuses(home: Path) -> list[str]:
+    listed = flwr(home, "list", "local", "--format", "json", timeout=60)
+    return [r["status"] for r in json.loads(listed.stdout)["runs"]]
+
+
+@pytest.fixture
+def flwr_home(tmp_path):
+    home = tmp_path / "flwr-home"
+    yield home
+    # Flower's managed local SuperLink outlives `flwr run`: whoever starts it stops it.
+    subprocess.run(["pkill", "-f", str(home)], check=False)
+
+
+def test_plain_flwr_run_composes_the_config_and_follows_the_federation(
+    tiny_root, tmp_path, flwr_home
+):
+    # Prepare
+    out = tmp_path / "run"
+    overrides = (
+        f"data_root={tiny_root} dataset.verify=false dataset.harmless.verify=false "
+        "train.epochs=5 train.batch_size=16 train.min_steps=0"
+    )
+    # Execute: the default local federation of flwr 1.42 has 2 simulated nodes.
+    proc = flwr(
+        flwr_home,
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        f"overrides='{overrides}' out-dir='{out}'",
+    )
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["users_from_federation"] is True
+    assert results["config"]["num_users"] == 2 and results["registered"] == [0, 1]
+    assert results["config"]["train"]["epochs"] == 5
+    assert (out / "experiment.yaml").is_file() and (out / "filter" / "filter.json").is_file()
+    assert statuses(flwr_home) == ["finished:completed"]
+
+
+def test_flwr_run_with_bad_overrides_fails_with_the_reason(tmp_path, flwr_home):
+    proc = flwr(
+        flwr_home,
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        f"overrides='num_users=2 guard.alpha=0' out-dir='{tmp_path / 'run'}'",
+    )
+    assert "docl-flower: " in proc.stdout + proc.stderr and "alpha" in proc.stdout + proc.stderr
+    assert statuses(flwr_home) == ["finished:failed"]
+    assert not (tmp_path / "run" / "results.json").exists()
