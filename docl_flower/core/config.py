@@ -10,11 +10,10 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
 from numpy.typing import NDArray
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,6 +23,7 @@ from .features import FeatureExtractor
 from .filter import Guard, ScoringConfig, make_guard
 from .install import PACKAGE_ROOT, project_root
 from .model import AutoencoderSpec, TrainSpec
+from .registry import build, register
 
 #: What the ``model`` group builds: DOCL's autoencoder or a baseline's classifier.
 ModelSpec = AutoencoderSpec | ClassifierSpec
@@ -50,18 +50,23 @@ class SimulationSpec:
     num_gpus: float = 0.0
 
 
-def _spec(node: Any) -> Any:
-    """Build a plain spec (dataclass or factory) from ``_target_`` without recursing.
+def _container(node: object) -> Mapping[str, object]:
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected a config mapping, got {type(data).__name__}")
+    return {str(k): v for k, v in data.items()}
+
+
+def _spec(group: str, node: object) -> object:
+    """Build the component a config node names, through the registry (no recursion).
 
     Nested ``_target_`` configs (optimiser, scheduler, augmentation) stay plain dicts so that
-    they can be sent to clients as JSON and instantiated there.
+    they can be sent to clients as JSON and built there, from the same registry.
     """
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    if not isinstance(data, dict):
-        raise TypeError(f"expected a config mapping, got {type(data).__name__}")
-    kwargs = {str(k): v for k, v in data.items()}
-    factory = get_object(str(kwargs.pop("_target_")))
-    return factory(**kwargs)
+    return build(group, _container(node))
+
+
+register("simulation", "docl_flower.core.config.SimulationSpec", SimulationSpec)
 
 
 @dataclass(frozen=True)
@@ -96,23 +101,22 @@ class ClientSpec:
 
     def model_spec(self) -> ModelSpec:
         """The architecture as a typed object (a classifier spec for the baselines)."""
-        return _as_model(_spec(self.model))
+        return _as_model(_spec("model", self.model))
 
     def train_spec(self) -> TrainRecipe:
         """The training recipe as a typed object."""
-        return _as_train(_spec(self.train))
+        return _as_train(_spec("train", self.train))
 
     def dataset_obj(self, root: str | None = None) -> IdxDataset:
         """The training data set, optionally read from a node-local folder."""
         cfg = dict(self.dataset)
         if root is not None:
             cfg["root"] = root
-        return _as_dataset(_spec(cfg))
+        return _as_dataset(_spec("dataset", cfg))
 
     def features_obj(self) -> FeatureExtractor:
         """The feature extractor."""
-        extractor: FeatureExtractor = instantiate(self.features)
-        return extractor
+        return _as_features(_spec("features", self.features))
 
     def class_user_indices(
         self, user: int, cls: int, labels: NDArray[np.int64]
@@ -161,6 +165,27 @@ def _as_dataset(value: object) -> IdxDataset:
     if isinstance(value, IdxDataset):
         return value
     raise _wrong("dataset", value)
+
+
+def _as_features(value: object) -> FeatureExtractor:
+    if isinstance(value, FeatureExtractor):
+        return value
+    raise _wrong("features", value)
+
+
+def _as_partition(value: object) -> Partition:
+    if isinstance(value, Partition):
+        return value
+    raise _wrong("partition", value)
+
+
+_T = TypeVar("_T")
+
+
+def _as(kind: type[_T], value: object, key: str) -> _T:
+    if isinstance(value, kind):
+        return value
+    raise _wrong(key, value)
 
 
 def _as_workflow(value: object) -> WorkflowSpec:
@@ -242,12 +267,12 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
     }
     num_classes = int(container["dataset"]["num_classes"])
     harmless_cfg = container["dataset"].get("harmless")
-    partition: Partition = _spec(container["partition"])
+    partition = _as_partition(_spec("partition", container["partition"]))
     assignment = partition.assignment(num_classes)
     train_cfg = dict(container["train"])
     model_cfg = dict(container["model"])
     seed = int(container["seed"])
-    workflow = _as_workflow(_spec(container["strategy"]))
+    workflow = _as_workflow(_spec("strategy", container["strategy"]))
     client_spec = ClientSpec(
         seed=seed,
         dataset=dataset_cfg,
@@ -263,15 +288,15 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
     return Experiment(
         seed=seed,
         num_classes=num_classes,
-        dataset=_spec(dataset_cfg),
-        harmless=_spec(harmless_cfg) if harmless_cfg else None,
-        features=instantiate(container["features"]),
+        dataset=_as_dataset(_spec("dataset", dataset_cfg)),
+        harmless=_as_dataset(_spec("dataset", harmless_cfg)) if harmless_cfg else None,
+        features=_as_features(_spec("features", container["features"])),
         partition=partition,
-        model=_as_model(_spec(model_cfg)),
-        train=_as_train(_spec(train_cfg)),
+        model=_as_model(_spec("model", model_cfg)),
+        train=_as_train(_spec("train", train_cfg)),
         guard=make_guard(**container["guard"]),
-        scoring=_spec(container["scoring"]),
-        simulation=_spec(container["simulation"]),
+        scoring=_as(ScoringConfig, _spec("scoring", container["scoring"]), "scoring"),
+        simulation=_as(SimulationSpec, _spec("simulation", container["simulation"]), "simulation"),
         client_spec=client_spec,
         assignment=assignment,
         workflow=workflow,

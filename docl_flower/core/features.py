@@ -8,7 +8,7 @@ features in ``[0, 1]`` (the decoder ends in a sigmoid).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 
+@runtime_checkable
 class FeatureExtractor(Protocol):
     """What every extractor offers: images to ``(n, D)`` float32 features in ``[0, 1]``."""
 

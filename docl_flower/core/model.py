@@ -6,6 +6,7 @@ parameters plus the mean and standard deviation of :func:`reconstruction_errors`
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -16,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,10 @@ def _build_scheduler(
     """Instantiate a per-step scheduler, passing the step count where it asks for one."""
     if cfg is None:
         return None
-    factory = instantiate(dict(cfg), _partial_=True)
+    from .registry import build  # the registry imports this module
+
+    factory = build("scheduler", cfg, partial=True)
+    assert isinstance(factory, functools.partial)
     params = inspect.signature(factory.func).parameters
     kwargs: dict[str, int] = {}
     if "total_steps" in params and "total_steps" not in factory.keywords:
@@ -214,13 +217,17 @@ def train_autoencoder(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = Autoencoder(x.shape[1], model_spec).to(device)
-    optimizer = instantiate(dict(train_spec.optimizer), _partial_=True)(model.parameters())
+    from .registry import build  # the registry imports this module
+
+    make_optimizer = build("optimizer", train_spec.optimizer, partial=True)
+    assert callable(make_optimizer)
+    optimizer: torch.optim.Optimizer = make_optimizer(model.parameters())
     steps_per_epoch = math.ceil(x.shape[0] / train_spec.batch_size)
     epochs = train_spec.epochs_for(x.shape[0])
     scheduler = _build_scheduler(train_spec.scheduler, optimizer, steps_per_epoch * epochs)
-    augment: Callable[..., torch.Tensor] | None = (
-        instantiate(dict(train_spec.augment)) if train_spec.augment is not None else None
-    )
+    augment = build("augment", train_spec.augment) if train_spec.augment is not None else None
+    if augment is not None and not isinstance(augment, RandomAffine):
+        raise ValueError(f"augment builds a {type(augment).__name__}, not an augmentation")
     data = x.to(device=device, dtype=torch.float32)
     losses: list[float] = []
     start = time.perf_counter()

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
 from PIL import Image
 
+from ..core.features import FeatureExtractor
 from ..core.filter import GUARDS, GlobalFilter
+from ..core.registry import build
 from ..core.store import load_filter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -80,7 +81,16 @@ def main(argv: Sequence[str]) -> int:
         print("docl-flower filter check: no image files found", file=sys.stderr)
         return 2
     config = meta.get("config", {})
-    features = instantiate(config.get("features", {"_target_": "docl_flower.features.Identity"}))
+    try:
+        features = build("features", config["features"])
+    except (KeyError, TypeError, ValueError) as err:
+        print(
+            f"docl-flower filter check: {args.filter}: no usable extractor ({err})", file=sys.stderr
+        )
+        return 2
+    if not isinstance(features, FeatureExtractor):
+        print(f"docl-flower filter check: {args.filter}: not a feature extractor", file=sys.stderr)
+        return 2
     alpha = (
         args.alpha if args.alpha is not None else float(config.get("guard", {}).get("alpha", 1.5))
     )

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..core.config import PROJECT_ROOT, build_experiment
 from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
-from ..federation import keys
+from ..federation import keys, workflows  # noqa: F401  (registers the workflows)
 from .simulation import FlowerRunError, run_app
 
 log = logging.getLogger(__name__)

@@ -48,3 +48,15 @@ def held_test_set(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
     held = torch.tensor(sorted({c for cs in exp.assignment.values() for c in cs}))
     mask = torch.isin(y, held)
     return x[mask], y[mask]
+
+
+def _register_workflows() -> None:
+    from ...core.registry import register
+    from .baselines import Centralised, FederatedClassifier
+    from .docl import Docl
+
+    for cls in (Docl, FederatedClassifier, Centralised):
+        register("strategy", f"{cls.__module__}.{cls.__qualname__}", cls)
+
+
+_register_workflows()

@@ -12,18 +12,22 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from hydra.utils import instantiate
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from ...core.classifier import ClassifierSpec, SgdSpec, accuracy_report, predict, train_classifier
 from ...core.config import Experiment
 from ...core.model import AutoencoderSpec
+from ...core.registry import build, register
 from ...core.results import RunResult
 from .. import keys
 from ..grids import CountingGrid
 from . import held_test_set
 
 log = logging.getLogger(__name__)
+
+# The built-in Flower strategies a FedAvg-family baseline may name (``strategy.strategy``).
+for _cls in (FedAvg, FedProx):
+    register("flower_strategy", f"flwr.serverapp.strategy.{_cls.__name__}", _cls)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,9 @@ class FederatedClassifier:
             log.info("round %d: test accuracy %.4f", server_round, overall)
             return MetricRecord({"accuracy": overall})
 
-        strategy: Strategy = instantiate(dict(self.strategy))
+        strategy = build("flower_strategy", self.strategy)
+        if not isinstance(strategy, Strategy):
+            raise ValueError(f"strategy.strategy builds a {type(strategy).__name__}")
         strategy.start(
             grid=counting,
             initial_arrays=ArrayRecord(model.state_dict()),
