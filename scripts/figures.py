@@ -31,6 +31,7 @@ from docl_flower.core.config import load_experiment
 from docl_flower.core.filter import GUARDS, GlobalFilter, Registration
 from docl_flower.core.metrics import overall_accuracy, per_class_accuracy
 from docl_flower.core.store import load_filter
+from docl_flower.federation import workflows  # noqa: F401  (registers the workflows)
 from docl_flower.operations.runs import launch
 
 matplotlib.use("Agg")

@@ -52,6 +52,13 @@ def reply(content: RecordDict | None, node: int, error: str | None = None) -> Mo
     return msg
 
 
+def run_round(strat: RegisterOnce, replies: list[Mock]):
+    """Deliver each reply as the answer of its node (as StreamingGrid does), then aggregate."""
+    for msg in replies:
+        strat.handle_reply(msg, msg.metadata.src_node_id)
+    return strat.aggregate_train(1, replies)
+
+
 def test_valid_upload_parses_into_registrations():
     user, regs = parse_upload(upload(4), ASSIGNMENT, RULES)
     assert user == 4 and [r.label for r in regs] == [4, 5]
@@ -91,7 +98,7 @@ def test_a_bad_upload_is_rejected_while_all_others_register(case):
     strat = RegisterOnce(ASSIGNMENT, RULES)
     replies = [reply(BAD[case], 100)] + [reply(upload(u), 101 + u) for u in (1, 2, 3, 4)]
     # Execute
-    arrays, metrics = strat.aggregate_train(1, replies)
+    arrays, metrics = run_round(strat, replies)
     # Assert
     out = strat.outcome
     assert arrays is None
@@ -103,9 +110,7 @@ def test_a_bad_upload_is_rejected_while_all_others_register(case):
 
 def test_duplicate_registration_and_claims_on_other_ids_are_rejected():
     strat = RegisterOnce(ASSIGNMENT, RULES)
-    strat.aggregate_train(
-        1, [reply(upload(u), 10 + u) for u in ASSIGNMENT] + [reply(upload(1), 99)]
-    )
+    run_round(strat, [reply(upload(u), 10 + u) for u in ASSIGNMENT] + [reply(upload(1), 99)])
     assert sorted(strat.outcome.registered) == [0, 1, 2, 3, 4]
     assert "already registered" in strat.outcome.node_errors[99]
     first = strat.outcome.registrations[1]
@@ -118,7 +123,7 @@ def test_duplicate_registration_and_claims_on_other_ids_are_rejected():
 def test_failed_and_silent_clients_are_reported_not_fatal():
     strat = RegisterOnce(ASSIGNMENT, RULES)
     replies = [reply(upload(0), 10), reply(None, 11, error="node unavailable")]
-    strat.aggregate_train(1, replies)  # users 2, 3, 4 never answer
+    run_round(strat, replies)  # users 2, 3, 4 never answer
     out = strat.outcome
     assert list(out.registered) == [0]
     assert sorted(out.failed) == [1, 2, 3, 4]
@@ -169,8 +174,8 @@ def test_a_bound_node_cannot_register_or_overwrite_another_user():
     claim_0 = upload(3, classes=[0], user_id=0)
     claim_4 = upload(3, classes=[4, 5], user_id=4)
     # Execute
-    strat.aggregate_train(
-        1,
+    run_round(
+        strat,
         [reply(claim_0, 103), reply(upload(0), 100), reply(claim_4, 103), reply(upload(1), 101)],
     )
     # Assert: the victims' registrations stand; the claims count against node 103's user.
@@ -186,7 +191,7 @@ def test_an_error_reply_from_the_superlink_is_reported_against_the_dead_node():
     # Flower answers for a node that stopped sending heartbeats; the reply's source is not it.
     strat = RegisterOnce(ASSIGNMENT, RULES, bindings=BINDINGS)
     strat.handle_reply(reply(None, 1, error="Node Unavailable"), dst_node=103)
-    strat.aggregate_train(1, [reply(upload(u), 100 + u) for u in (0, 1, 2, 4)])
+    run_round(strat, [reply(upload(u), 100 + u) for u in (0, 1, 2, 4)])
     assert sorted(strat.outcome.registered) == [0, 1, 2, 4]
     assert strat.outcome.failed == {3: "no valid reply: node 103: code 5: Node Unavailable"}
 
@@ -197,7 +202,7 @@ def test_an_unbound_node_gets_no_message_and_cannot_register(monkeypatch):
     sent = strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([7, 8, 9]))
     assert list(sent) == [7, 8]
     assert strat.outcome.unbound_nodes == [9]
-    strat.aggregate_train(1, [reply(upload(0), 9)])
+    run_round(strat, [reply(upload(0), 9)])
     assert strat.outcome.registered == {}
     assert "node 9 is not bound to any user" in strat.outcome.node_errors[9]
 

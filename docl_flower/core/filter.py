@@ -233,8 +233,12 @@ class GlobalFilter:
         return out
 
     def predict(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index ``i*`` of the best autoencoder per image and its error ``d_{i*}``."""
-        dmin, idx = scores.min(dim=1)
+        """Index ``i*`` of the best autoencoder per image and its error ``d_{i*}``.
+
+        A NaN score counts as the worst possible error (``torch.min`` would pick it).
+        """
+        safe = torch.nan_to_num(scores, nan=float("inf"))
+        dmin, idx = safe.min(dim=1)
         return idx, dmin
 
     def predict_labels(self, scores: torch.Tensor) -> torch.Tensor:
@@ -271,8 +275,9 @@ class ArgminGuard:
     alpha: float = 1.5
 
     def __post_init__(self) -> None:
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < float("inf"):
+            raise ValueError(f"alpha must be a finite number > 0, got {a!r}")
 
     def block(
         self, flt: GlobalFilter, scores: torch.Tensor, uploader: torch.Tensor | int
@@ -294,8 +299,9 @@ class StrictGuard:
     alpha: float = 1.5
 
     def __post_init__(self) -> None:
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < float("inf"):
+            raise ValueError(f"alpha must be a finite number > 0, got {a!r}")
 
     def block(
         self, flt: GlobalFilter, scores: torch.Tensor, uploader: torch.Tensor | int

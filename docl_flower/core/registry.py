@@ -78,8 +78,13 @@ def factory(group: str, name: object) -> Factory:
     """The component registered as ``name`` in ``group``; raises for any other name."""
     table = _TABLES.get(group, {})
     if not isinstance(name, str) or name not in table:
+        hint = (
+            " (the Flower layer registers them: import docl_flower.federation.workflows)"
+            if group == "strategy" and not table
+            else ""
+        )
         raise UnknownComponentError(
-            f"unknown {group} {name!r}: not a registered component (known: {names(group)})"
+            f"unknown {group} {name!r}: not a registered component (known: {names(group)}){hint}"
         )
     return table[name]
 

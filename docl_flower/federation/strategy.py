@@ -19,7 +19,15 @@ from flwr.serverapp.strategy import Strategy
 from ..core.filter import Registration
 from . import keys
 from .nodes import wait_for_nodes
-from .uploads import UploadError, UploadRules, parse_upload, record_bytes
+from .uploads import (
+    UploadError,
+    UploadRules,
+    as_int,
+    optional_metrics,
+    parse_upload,
+    record_bytes,
+    records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +77,12 @@ class RegisterOnce(Strategy):
         :data:`keys.REGISTERED_USERS`), and an upload from them is rejected unless
         ``replace_existing``.
     on_register : callable, optional
-        Called as ``on_register(user, registrations, outcome)`` after every accepted upload
-        (to persist it at once).
+        Called as ``on_register(user, registrations, node)`` for every valid upload, to
+        persist it at once; if it raises, the upload is rejected with that reason.
+    vet : callable, optional
+        Called with each registration of a valid upload; raises :class:`UploadError` to
+        reject the upload (the server's probe check: behaves like an autoencoder, is no
+        catch-all).
     bindings : mapping, optional
         Node id -> the user that node may register (set by the operator when it registers the
         node's key). With bindings, only bound nodes get a message, the strategy waits for
@@ -86,8 +98,9 @@ class RegisterOnce(Strategy):
         node_wait_s: float = 120.0,
         existing_users: Collection[int] = (),
         replace_existing: bool = False,
-        on_register: Callable[[int, list[Registration], RegistrationOutcome], None] | None = None,
+        on_register: Callable[[int, list[Registration], int], None] | None = None,
         bindings: Mapping[int, int] | None = None,
+        vet: Callable[[Registration], None] | None = None,
     ) -> None:
         self.assignment = dict(assignment)
         self.rules = rules
@@ -96,6 +109,7 @@ class RegisterOnce(Strategy):
         self.replace_existing = replace_existing
         self.on_register = on_register
         self.bindings = dict(bindings) if bindings is not None else None
+        self.vet = vet
         self.outcome = RegistrationOutcome()
         self._sent: dict[int, int] = {}
         self._handled: set[str] = set()
@@ -137,30 +151,48 @@ class RegisterOnce(Strategy):
             )
         return messages
 
-    def handle_reply(self, msg: Message, dst_node: int | None = None) -> None:
-        """Validate one reply and register it.
+    def handle_reply(self, msg: Message, dst_node: int | None) -> None:
+        """Validate one reply and register it, or record why not; never raises.
 
-        Called as each reply arrives (through :class:`StreamingGrid`, which passes the node
-        the answered message went to), and by :meth:`aggregate_train` for any reply not
-        handled yet. An error reply is reported against that node (Flower's own error replies,
-        e.g. for a node that stopped sending heartbeats, come from the SuperLink).
+        Called by :class:`StreamingGrid` as each reply arrives, with the node that the
+        answered message of this run went to (``None`` when the reply answers no message this
+        run sent: it is then ignored and reported). An error reply is reported against that
+        node (Flower's own error replies, e.g. for a node that stopped sending heartbeats,
+        come from the SuperLink).
         """
-        key = msg.metadata.message_id or str(id(msg))
+        key = str(msg.metadata.message_id or id(msg))
         if key in self._handled:
             return
         self._handled.add(key)
+        try:
+            self._handle(msg, dst_node)
+        except Exception as err:
+            node = dst_node if dst_node is not None else -1
+            self.outcome.node_errors[node] = f"reply not handled: {type(err).__name__}: {err}"
+            log.exception("reply from node %s could not be handled", node)
+
+    def _handle(self, msg: Message, dst_node: int | None) -> None:
         out = self.outcome
-        node = msg.metadata.src_node_id
         if msg.has_error():
-            node = dst_node if dst_node is not None else node
+            node = dst_node if dst_node is not None else msg.metadata.src_node_id
             out.node_errors[node] = f"code {msg.error.code}: {msg.error.reason}"
             log.warning("node %s failed: %s", node, out.node_errors[node])
+            return
+        node = msg.metadata.src_node_id
+        if dst_node is None or node != dst_node:
+            reason = (
+                "answers no message of this run"
+                if dst_node is None
+                else f"answers the message sent to node {dst_node}"
+            )
+            out.node_errors[node] = f"ignored reply: {reason}"
+            log.warning("ignored a reply from node %s: %s", node, reason)
             return
         claimed = _claimed_user(msg)
         # The user this reply answers for: the node's bound user, else the one it claims.
         owner = claimed if self.bindings is None else self.bindings.get(node)
-        metrics = msg.content.metric_records.get(keys.METRICS_RECORD)
-        skipping = metrics is not None and metrics.get(keys.SKIPPED)
+        metrics = records(msg.content, "metric_records").get(keys.METRICS_RECORD)
+        skipping = isinstance(metrics, Mapping) and metrics.get(keys.SKIPPED) == 1
         if skipping and claimed is not None and claimed == owner and claimed in self.existing_users:
             out.skipped[claimed] = "already in the saved filter"
             log.info("user %d is already registered: skipped", claimed)
@@ -177,8 +209,13 @@ class RegisterOnce(Strategy):
                 raise UploadError(f"user {user} is already registered")
             if user in self.existing_users and not self.replace_existing:
                 raise UploadError(f"user {user} is already in the saved filter")
-        except UploadError as err:
-            reason = str(err)
+            for reg in regs:
+                if self.vet is not None:
+                    self.vet(reg)
+            if self.on_register is not None:
+                self.on_register(user, regs, node)  # persist first: only saved uploads count
+        except Exception as err:
+            reason = str(err) if isinstance(err, UploadError) else f"{type(err).__name__}: {err}"
             if owner is not None and owner in self.assignment and owner not in out.registered:
                 earlier = self._rejected.get(owner)
                 self._rejected[owner] = f"{earlier}; {reason}" if earlier else reason
@@ -186,19 +223,17 @@ class RegisterOnce(Strategy):
                 out.node_errors[node] = f"rejected upload: {reason}"
             log.warning("rejected upload from node %s: %s", node, reason)
             return
+        info = optional_metrics(msg.content)
         out.registrations.extend(regs)
         out.registered[user] = [r.label for r in regs]
         out.bytes_uploaded[user] = record_bytes(msg.content)
         out.bytes_downloaded[user] = self._sent.get(node, 0)
-        metrics = msg.content.metric_records[keys.METRICS_RECORD]
-        out.train_seconds[user] = float(metrics.get(keys.TRAIN_SECONDS, math.nan))  # type: ignore[arg-type]
-        out.received_array_records[user] = int(metrics.get(keys.RECEIVED_ARRAYS, -1))  # type: ignore[arg-type]
-        out.cuda[user] = bool(metrics.get(keys.DEVICE_CUDA, 0))
+        out.train_seconds[user] = info.get(keys.TRAIN_SECONDS, math.nan)
+        out.received_array_records[user] = int(info.get(keys.RECEIVED_ARRAYS, -1))
+        out.cuda[user] = bool(info.get(keys.DEVICE_CUDA, 0))
         out.nodes[user] = node
         out.registered_at[user] = time.time()
         log.info("registered user %d (%d/%d)", user, len(out.registered), len(self.assignment))
-        if self.on_register is not None:
-            self.on_register(user, regs, out)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -206,7 +241,9 @@ class RegisterOnce(Strategy):
         """Validate and register every reply; nothing is averaged and nothing is returned."""
         out = self.outcome
         for msg in replies:
-            self.handle_reply(msg)
+            key = str(msg.metadata.message_id or id(msg))
+            if key not in self._handled:  # not delivered through StreamingGrid: not ours
+                self.handle_reply(msg, None)
         for user in self.assignment:
             if user in out.registered or user in out.skipped:
                 continue
@@ -242,9 +279,11 @@ class RegisterOnce(Strategy):
 
 
 def _claimed_user(msg: Message) -> int | None:
-    """The user id a reply claims, if it carries a readable one."""
+    """The user id a reply claims, if it carries a readable integer one."""
+    metrics = records(msg.content, "metric_records").get(keys.METRICS_RECORD)
+    if not isinstance(metrics, Mapping):
+        return None
     try:
-        value = msg.content.metric_records[keys.METRICS_RECORD][keys.USER_ID]
-        return int(value)  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError):
+        return as_int(metrics.get(keys.USER_ID), "user id")
+    except UploadError:
         return None

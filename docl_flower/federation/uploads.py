@@ -1,4 +1,12 @@
-"""Validation of one upload (a pure function, testable on fake replies without Flower running)."""
+"""Validation of one upload: any reply content ends as registrations or an ``UploadError``.
+
+A pure function of the reply's content (:func:`parse_upload`), testable on fake replies
+without Flower running. Nothing in a reply is trusted: every metric is type- and
+range-checked (no ``int(inf)``, no truncation of ``0.9`` to class 0), every array is
+shape-, dtype- and value-checked before it is used, and anything unexpected in the content
+(an unreadable array, a value of a foreign type) becomes an ``UploadError`` with the reason,
+never another exception.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +16,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import RecordDict
+from numpy.typing import NDArray
 
 from ..core.filter import Registration
 from ..core.model import PARAM_NAMES
 from . import keys
 
 log = logging.getLogger(__name__)
+
+#: Largest ``num-examples`` accepted (more images than any user can hold).
+MAX_EXAMPLES = 10**9
 
 
 class UploadError(ValueError):
@@ -33,24 +44,89 @@ class UploadRules:
         Upper bound of any reconstruction error: D for features in [0, 1] (eq. 6).
     min_std : float
         Smallest acceptable sigma (a degenerate interval would block nothing or everything).
+    max_abs_param : float
+        Largest absolute parameter value. Trained autoencoders stay far below it (under 5 on
+        MNIST); with it every intermediate of the scoring stays finite in float32 for
+        features in [0, 1] (``3e38`` weights would overflow to NaN).
     """
 
     shapes: Mapping[str, tuple[int, ...]]
     max_error: float
     min_std: float = 1e-6
+    max_abs_param: float = 1e3
 
 
-def record_bytes(content: RecordDict) -> int:
-    """Parameter bytes (array elements x item size) of all ArrayRecords in a message's content."""
-    return sum(
-        int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-        for rec in content.array_records.values()
-        for arr in rec.values()
-    )
+def records(content: object, kind: str) -> Mapping[str, object]:
+    """``content.metric_records`` / ``content.array_records`` as a mapping (empty if absent)."""
+    found = getattr(content, kind, None)
+    return found if isinstance(found, Mapping) else {}
+
+
+def record_bytes(content: object) -> int:
+    """Parameter bytes (elements x item size) of every ArrayRecord of a content (0: unreadable)."""
+    total = 0
+    try:
+        for rec in records(content, "array_records").values():
+            for arr in rec.values():  # type: ignore[attr-defined]  # hostile: caught below
+                size = int(np.prod([int(d) for d in arr.shape], dtype=np.int64))
+                total += size * np.dtype(arr.dtype).itemsize
+    except Exception:
+        return 0
+    return total
+
+
+def as_int(value: object, what: str, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int: an int, or a finite float with no fractional part, within bounds."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise UploadError(f"{what} {value!r} is not a number")
+    if isinstance(value, float | np.floating) and not (
+        math.isfinite(value) and float(value).is_integer()
+    ):
+        raise UploadError(f"{what} {value!r} is not an integer")
+    number = int(value)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise UploadError(f"{what} {number} outside [{low}, {high}]")
+    return number
+
+
+def as_float(value: object, what: str) -> float:
+    """``value`` as a finite float (ints allowed, bools and other types refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise UploadError(f"{what} {value!r} is not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise UploadError(f"{what} {number} is not finite")
+    return number
+
+
+def _as_list(value: object, what: str) -> list[object]:
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+def _array(arrays: Mapping[str, object], key: str, shape: tuple[int, ...]) -> NDArray[np.float32]:
+    try:
+        arr = arrays[key]
+        declared = tuple(int(d) for d in getattr(arr, "shape"))  # noqa: B009
+        if declared != tuple(shape):
+            raise UploadError(f"{key}: shape {declared}, need {tuple(shape)}")
+        value = getattr(arr, "numpy")()  # noqa: B009
+    except UploadError:
+        raise
+    except Exception as err:
+        raise UploadError(f"{key}: unreadable array ({type(err).__name__}: {err})") from err
+    if not isinstance(value, np.ndarray):
+        raise UploadError(f"{key}: not an array ({type(value).__name__})")
+    if value.dtype != np.float32:
+        raise UploadError(f"{key}: dtype {value.dtype}, need float32")
+    if value.shape != tuple(shape):
+        raise UploadError(f"{key}: data of shape {value.shape}, need {tuple(shape)}")
+    return value
 
 
 def parse_upload(
-    content: RecordDict,
+    content: object,
     assignment: Mapping[int, tuple[int, ...]],
     rules: UploadRules,
 ) -> tuple[int, list[Registration]]:
@@ -60,65 +136,83 @@ def parse_upload(
     ------
     UploadError
         With the reason, for a missing record or key, a user id that is not expected, classes
-        that are not the user's, a wrong shape or dtype, a non-finite value, or error
-        statistics outside ``0 <= mu <= max_error`` and ``min_std <= sigma <= max_error``.
+        that are not the user's, a wrong shape or dtype, a non-finite or out-of-range value,
+        or error statistics outside ``0 <= mu <= max_error`` and
+        ``min_std <= sigma <= max_error``. No other exception leaves this function.
     """
-    if keys.METRICS_RECORD not in content.metric_records:
+    metrics = records(content, "metric_records").get(keys.METRICS_RECORD)
+    if not isinstance(metrics, Mapping):
         raise UploadError(f"no MetricRecord {keys.METRICS_RECORD!r}")
-    if keys.ARRAYS_RECORD not in content.array_records:
+    arrays = records(content, "array_records").get(keys.ARRAYS_RECORD)
+    if not isinstance(arrays, Mapping):
         raise UploadError(f"no ArrayRecord {keys.ARRAYS_RECORD!r}")
-    metrics = content.metric_records[keys.METRICS_RECORD]
-    arrays = content.array_records[keys.ARRAYS_RECORD]
+    try:
+        values = {str(k): metrics[k] for k in metrics}
+        array_keys = {str(k) for k in arrays}
+    except Exception as err:
+        raise UploadError(f"unreadable records ({type(err).__name__}: {err})") from err
     for key in (keys.USER_ID, keys.CLASSES, keys.ERR_MEAN, keys.ERR_STD, keys.NUM_EXAMPLES):
-        if key not in metrics:
+        if key not in values:
             raise UploadError(f"metric {key!r} missing")
-    raw_user = metrics[keys.USER_ID]
-    if not isinstance(raw_user, int | float) or raw_user != int(raw_user):
-        raise UploadError(f"user id {raw_user!r} is not an integer")
-    user = int(raw_user)
+    user = as_int(values[keys.USER_ID], "user id")
     if user not in assignment:
         raise UploadError(f"user id {user} is not an expected user")
-
-    def as_list(key: str) -> list[float]:
-        value = metrics[key]
-        return [float(v) for v in (value if isinstance(value, list) else [value])]
-
-    classes = [int(c) for c in as_list(keys.CLASSES)]
-    if sorted(classes) != sorted(assignment[user]):
+    classes = [as_int(c, "class") for c in _as_list(values[keys.CLASSES], "classes")]
+    if len(set(classes)) != len(classes) or sorted(classes) != sorted(assignment[user]):
         raise UploadError(f"user {user} uploaded classes {classes}, owns {list(assignment[user])}")
-    means, stds, counts = as_list(keys.ERR_MEAN), as_list(keys.ERR_STD), as_list(keys.NUM_EXAMPLES)
+    means = [as_float(v, "err-mean") for v in _as_list(values[keys.ERR_MEAN], "err-mean")]
+    stds = [as_float(v, "err-std") for v in _as_list(values[keys.ERR_STD], "err-std")]
+    counts = [
+        as_int(v, "num-examples", 1, MAX_EXAMPLES)
+        for v in _as_list(values[keys.NUM_EXAMPLES], "num-examples")
+    ]
     if not len(means) == len(stds) == len(counts) == len(classes):
         raise UploadError("err-mean, err-std, num-examples and classes differ in length")
+    if keys.TRAIN_SECONDS in values:
+        seconds = as_float(values[keys.TRAIN_SECONDS], "train-seconds")
+        if seconds < 0:
+            raise UploadError(f"train-seconds {seconds} is negative")
+    if keys.RECEIVED_ARRAYS in values:
+        as_int(values[keys.RECEIVED_ARRAYS], "received-array-records", 0)
+    if keys.DEVICE_CUDA in values:
+        as_int(values[keys.DEVICE_CUDA], "device-cuda", 0, 1)
     expected_keys = {f"{c}{keys.ARRAY_KEY_SEP}{n}" for c in classes for n in PARAM_NAMES}
-    if set(arrays.keys()) != expected_keys:
-        extra = sorted(set(arrays.keys()) - expected_keys)
-        missing = sorted(expected_keys - set(arrays.keys()))
+    if array_keys != expected_keys:
+        extra = sorted(array_keys - expected_keys)
+        missing = sorted(expected_keys - array_keys)
         raise UploadError(f"array keys differ: missing {missing}, unexpected {extra}")
     registrations = []
     for c, mu, sd, n in zip(classes, means, stds, counts, strict=True):
-        params: dict[str, np.ndarray] = {}
+        params: dict[str, NDArray[np.float32]] = {}
         for name in PARAM_NAMES:
-            arr = arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"]
-            if tuple(arr.shape) != tuple(rules.shapes[name]):
-                raise UploadError(
-                    f"class {c} {name}: shape {tuple(arr.shape)}, need {tuple(rules.shapes[name])}"
-                )
-            try:
-                value = arr.numpy()
-            except Exception as err:  # malformed bytes from a client
-                raise UploadError(f"class {c} {name}: unreadable array ({err})") from err
-            if value.dtype != np.float32:
-                raise UploadError(f"class {c} {name}: dtype {value.dtype}, need float32")
+            key = f"{c}{keys.ARRAY_KEY_SEP}{name}"
+            value = _array(arrays, key, tuple(rules.shapes[name]))
             if not np.isfinite(value).all():
                 raise UploadError(f"class {c} {name}: non-finite values")
+            biggest = float(np.abs(value).max(initial=0.0))
+            if biggest > rules.max_abs_param:
+                raise UploadError(
+                    f"class {c} {name}: |value| up to {biggest:.3g}, above {rules.max_abs_param:g}"
+                )
             params[name] = value
-        if not (math.isfinite(mu) and 0.0 <= mu <= rules.max_error):
+        if not 0.0 <= mu <= rules.max_error:
             raise UploadError(f"class {c}: err-mean {mu} outside [0, {rules.max_error}]")
-        if not (math.isfinite(sd) and rules.min_std <= sd <= rules.max_error):
+        if not rules.min_std <= sd <= rules.max_error:
             raise UploadError(
                 f"class {c}: err-std {sd} outside [{rules.min_std}, {rules.max_error}]"
             )
-        if not (n >= 1 and n == int(n)):
-            raise UploadError(f"class {c}: num-examples {n} is not a positive integer")
-        registrations.append(Registration(user, c, params, float(mu), float(sd), int(n)))
+        registrations.append(Registration(user, c, params, mu, sd, n))
     return user, registrations
+
+
+def optional_metrics(content: object) -> dict[str, float]:
+    """The informational metrics of an upload :func:`parse_upload` accepted (else ``{}``)."""
+    metrics = records(content, "metric_records").get(keys.METRICS_RECORD)
+    if not isinstance(metrics, Mapping):
+        return {}
+    found = {}
+    for key in (keys.TRAIN_SECONDS, keys.RECEIVED_ARRAYS, keys.DEVICE_CUDA):
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found[key] = float(value)
+    return found

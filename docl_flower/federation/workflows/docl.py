@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,14 @@ from ...core.config import Experiment
 from ...core.filter import GlobalFilter, Registration
 from ...core.metrics import evaluate
 from ...core.model import AutoencoderSpec
+from ...core.probe import ProbeCheck, probe_set
 from ...core.results import RunResult
 from ...core.store import PersistentFilter
 from .. import keys
 from ..grids import StreamingGrid
 from ..nodes import load_bindings
-from ..strategy import RegisterOnce, RegistrationOutcome
-from ..uploads import UploadRules
+from ..strategy import RegisterOnce
+from ..uploads import UploadError, UploadRules
 from . import test_set
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ class Docl:
     filter_path: str | None = None
     replace_existing: bool = False
     bindings_path: str | None = None
+    probe_images: int = 256
+    probe_noise: int = 64
+    max_block_share: float = 0.2
 
     def run(self, grid: Grid, exp: Experiment, out_dir: Path) -> RunResult:
         """Register the users not in the saved filter yet, persist each registration, evaluate.
@@ -56,12 +61,27 @@ class Docl:
         filter_dir = Path(self.filter_path) if self.filter_path else out_dir / "filter"
         store = PersistentFilter(filter_dir, {"config": exp.config})
         spec = exp.client_spec
+        harmless = None
+        if exp.harmless is not None:
+            harmless = exp.features(exp.harmless.load("test")[0])
+        probe = ProbeCheck(
+            probe_set(harmless, dim, self.probe_images, self.probe_noise, exp.seed),
+            alpha=exp.guard.alpha,
+            scoring=exp.scoring,
+            max_block_share=self.max_block_share,
+        )
 
-        def persist(user: int, regs: Sequence[Registration], outcome: RegistrationOutcome) -> None:
+        def vet(reg: Registration) -> None:
+            problem = probe.problem(reg)
+            if problem is not None:
+                raise UploadError(f"class {reg.label}: {problem}")
+
+        def persist(user: int, regs: Sequence[Registration], node: int) -> None:
+            now = time.time()
             metas = [
                 {
-                    "node_id": outcome.nodes.get(user),
-                    "registered_at": outcome.registered_at.get(user),
+                    "node_id": node,
+                    "registered_at": now,
                     "fraction": spec.fraction.get(user, 1.0),
                     "trained_on": sorted({r.label, *spec.extra_classes.get(user, [])}),
                 }
@@ -77,6 +97,7 @@ class Docl:
             replace_existing=self.replace_existing,
             on_register=persist,
             bindings=bindings,
+            vet=vet,
         )
         config = ConfigRecord({keys.SPEC: spec.to_json()})
         if store.users and not self.replace_existing:
@@ -93,9 +114,6 @@ class Docl:
         if not regs:
             raise RuntimeError(f"no autoencoder was registered; failures: {outcome.failed}")
         flt = GlobalFilter(sorted(regs, key=lambda r: r.label), exp.scoring)
-        harmless = None
-        if exp.harmless is not None:
-            harmless = exp.features(exp.harmless.load("test")[0])
         ev = evaluate(flt, exp.guard, x_test, y_test, harmless)
         return RunResult(
             method="docl",
