@@ -77,3 +77,15 @@ def make_tiny_root(
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_root(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(autouse=True)
+def _filter_key(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests sign saved filters with a key of their own, never the user's real key file.
+
+    Set in ``os.environ``, so the subprocesses of a test (``docl-flower``, Flower, the
+    ServerApp) use the same key.
+    """
+    key_dir = tmp_path_factory.getbasetemp() / "filter-key"
+    key_dir.mkdir(exist_ok=True)
+    monkeypatch.setenv("DOCL_FLOWER_FILTER_KEY", str(key_dir / "filter.key"))

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from unittest.mock import Mock
 
 import numpy as np
+import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
-from docl_flower.core.store import PersistentFilter, content_hash, load_filter, load_history
+from docl_flower.core.store import (
+    KEY_ENV,
+    PersistentFilter,
+    content_hash,
+    load_filter,
+    load_history,
+)
 from docl_flower.federation import keys
 from docl_flower.federation.grids import StreamingGrid
 from docl_flower.federation.strategy import RegisterOnce
 
 from .conftest import random_registration
-from .test_strategy import ASSIGNMENT, RULES, reply, upload
+from .test_strategy import ASSIGNMENT, RULES, reply, run_round, upload
+
+
+@pytest.fixture(autouse=True)
+def filter_key(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A key file of this test only (never the real ``~/.config``)."""
+    path = tmp_path_factory.mktemp("key") / "filter.key"
+    monkeypatch.setenv(KEY_ENV, str(path))
+    return path
 
 
 def _register(store: PersistentFilter, regs) -> None:
@@ -54,14 +70,14 @@ def test_replacing_a_user_keeps_the_previous_version_in_history(tmp_path):
 def test_users_in_the_saved_filter_skip_and_cannot_overwrite_by_default():
     skipped = RecordDict({keys.METRICS_RECORD: MetricRecord({keys.USER_ID: 0, keys.SKIPPED: 1})})
     strat = RegisterOnce(ASSIGNMENT, RULES, existing_users={0, 1})
-    strat.aggregate_train(1, [reply(skipped, 10), reply(upload(1), 11), reply(upload(2), 12)])
+    run_round(strat, [reply(skipped, 10), reply(upload(1), 11), reply(upload(2), 12)])
     out = strat.outcome
     assert out.skipped == {0: "already in the saved filter"}
     assert sorted(out.registered) == [2]
     assert "already in the saved filter" in out.failed[1]
     assert 0 not in out.failed
     replacing = RegisterOnce(ASSIGNMENT, RULES, existing_users={1}, replace_existing=True)
-    replacing.aggregate_train(1, [reply(upload(1), 11)])
+    run_round(replacing, [reply(upload(1), 11)])
     assert sorted(replacing.outcome.registered) == [1]
 
 

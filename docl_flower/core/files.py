@@ -51,3 +51,58 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, payload: object) -> None:
     """Write ``payload`` as indented JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync folder)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def create_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` (permissions ``mode``) unless it exists already.
+
+    The content is written and fsynced under a temporary name, then hard-linked to ``path``,
+    so ``path`` appears whole or not at all and an existing file is never replaced (two
+    processes racing to create it agree on one content). Where hard links are not supported,
+    falls back to an exclusive create (``O_EXCL``).
+
+    Returns
+    -------
+    bool
+        True when this call created ``path``, False when it existed already.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, mode)
+        _write_all(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: exclusive create instead
+            try:
+                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError:
+                return False
+            try:
+                _write_all(out, data)
+                os.fsync(out)
+            finally:
+                os.close(out)
+        fsync_dir(path.parent)
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
