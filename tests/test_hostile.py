@@ -75,6 +75,15 @@ class FakeArray:
         return self._data
 
 
+def _scalar(value: object) -> float | None:
+    """The finite number ``value`` stands for (alone or as a one-element list), else None."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if np.isfinite(float(value)) else None
+
+
 ANY_VALUE = st.one_of(
     st.none(),
     st.booleans(),
@@ -137,14 +146,17 @@ def hostile_content(draw: st.DrawFn, user: int) -> object:
                 )
             )
         )
-        if key == keys.ERR_MEAN and isinstance(value, int | float) and 0 <= value <= DIM:
-            value = -1.0
-        if key == keys.ERR_STD and isinstance(value, int | float) and 1e-6 <= value <= DIM:
-            value = float(DIM) + 1.0
-        if key == keys.NUM_EXAMPLES and isinstance(value, int) and 1 <= value <= 10**9:
-            value = 0
-        if key == keys.USER_ID and isinstance(value, int) and value in (*HONEST, user):
-            value = float(value) + 0.5
+        number = _scalar(value)
+        if number is not None:  # a number that the rules might accept: make sure they do not
+            integral = number.is_integer()
+            if key == keys.ERR_MEAN and 0 <= number <= DIM:
+                value = -1.0
+            elif key == keys.ERR_STD and 1e-6 <= number <= DIM:
+                value = float(DIM) + 1.0
+            elif key == keys.NUM_EXAMPLES and integral and 1 <= number <= 10**9:
+                value = 0
+            elif key in (keys.USER_ID, keys.CLASSES) and integral:
+                value = number + 0.5
         metrics[key] = value
     elif kind == "drop":
         metrics.pop(
