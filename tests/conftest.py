@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +81,18 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_root(tmp_path_factory.mktemp("tiny-data"))
 
 
-@pytest.fixture(autouse=True)
-def _filter_key(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _filter_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Tests sign saved filters with a key of their own, never the user's real key file.
 
-    Set in ``os.environ``, so the subprocesses of a test (``docl-flower``, Flower, the
-    ServerApp) use the same key.
+    Set in ``os.environ`` for the whole session (module fixtures save filters too), so the
+    subprocesses of a test (``docl-flower``, Flower, the ServerApp) use the same key.
     """
-    key_dir = tmp_path_factory.getbasetemp() / "filter-key"
-    key_dir.mkdir(exist_ok=True)
-    monkeypatch.setenv("DOCL_FLOWER_FILTER_KEY", str(key_dir / "filter.key"))
+    key_dir = tmp_path_factory.mktemp("filter-key")
+    before = os.environ.get("DOCL_FLOWER_FILTER_KEY")
+    os.environ["DOCL_FLOWER_FILTER_KEY"] = str(key_dir / "filter.key")
+    yield
+    if before is None:
+        os.environ.pop("DOCL_FLOWER_FILTER_KEY", None)
+    else:
+        os.environ["DOCL_FLOWER_FILTER_KEY"] = before

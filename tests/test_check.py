@@ -5,13 +5,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+from safetensors import SafetensorError
 
 from docl_flower.core.data import IdxDataset, class_indices
 from docl_flower.core.features import Identity
 from docl_flower.core.store import save_filter
+from docl_flower.operations import check
+from docl_flower.operations.check import main
 
-from .conftest import trained_registration
+from .conftest import random_registration, trained_registration
 
 CLI = str(Path(sys.executable).parent / "docl-flower")
 
@@ -70,3 +74,153 @@ def test_filter_check_decides_per_image(tiny_root, tmp_path):
 def test_filter_check_reports_bad_input(tmp_path):
     proc = _filter_check(tmp_path / "nothing", tmp_path, "--uploader", "0")
     assert proc.returncode == 2 and "filter check:" in proc.stderr
+
+
+def _saved_filter(folder: Path, alpha: float = 1.5) -> Path:
+    """A two-user filter of random 784-4-784 autoencoders, with an Identity extractor."""
+    rng = np.random.default_rng(0)
+    regs = [random_registration(rng, u, u, dim=784, hidden=4) for u in (0, 1)]
+    info = {
+        "config": {
+            "features": {"_target_": "docl_flower.core.features.Identity"},
+            "guard": {"alpha": alpha},
+        }
+    }
+    save_filter(folder, regs, info=info)
+    return folder
+
+
+def _png(path: Path, seed: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(28, 28), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def saved_filter(tmp_path: Path) -> Path:
+    return _saved_filter(tmp_path / "filter")
+
+
+def test_unreadable_files_get_one_error_line_each_and_the_rest_is_decided(
+    saved_filter, tmp_path, capsys
+):
+    # Prepare: two good images, a text file, a truncated PNG and a dangling link.
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    good = [_png(folder / "a.png", 1), _png(folder / "b.png", 2)]
+    (folder / "notes.png").write_text("not an image\n")
+    whole = _png(tmp_path / "whole.png", 3).read_bytes()
+    (folder / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    missing = tmp_path / "missing.png"
+    # Execute
+    code = main([str(saved_filter), str(folder), str(missing), "--uploader", "0"])
+    out, err = capsys.readouterr()
+    # Assert: exit 1, one error line per bad file, the good images decided.
+    assert code == 1
+    errors = err.splitlines()
+    assert len(errors) == 4, err
+    for name in ("notes.png", "cut.png", "gone.png", "missing.png"):
+        assert sum(name in line for line in errors) == 1, err
+    assert all(line.startswith("docl-flower filter check: ") for line in errors)
+    assert "Traceback" not in err
+    rows = [line.split("\t") for line in out.splitlines()[2:]]
+    assert [Path(r[0]) for r in rows] == good
+    assert all(r[5] in ("block", "share") for r in rows)
+
+
+def test_all_files_readable_exits_0(saved_filter, tmp_path, capsys):
+    image = _png(tmp_path / "a.png", 1)
+    code = main([str(saved_filter), str(image), "--uploader", "-1", "--alpha", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""
+    assert "alpha 2.0" in out and len(out.splitlines()) == 3
+
+
+BAD_ARGS = {
+    "alpha zero": (["--alpha", "0"], "--alpha"),
+    "alpha negative": (["--alpha", "-1"], "--alpha"),
+    "alpha nan": (["--alpha", "nan"], "--alpha"),
+    "alpha inf": (["--alpha", "inf"], "--alpha"),
+    "alpha text": (["--alpha", "abc"], "--alpha"),
+    "uploader text": (["--uploader", "abc"], "--uploader"),
+    "uploader below -1": (["--uploader", "-2"], "--uploader"),
+    "unknown guard": (["--guard", "lenient"], "--guard"),
+    "image size zero": (["--image-size", "0", "28"], "--image-size"),
+}
+
+
+@pytest.mark.parametrize(("extra", "name"), BAD_ARGS.values(), ids=BAD_ARGS.keys())
+def test_bad_arguments_print_usage_and_exit_2(saved_filter, tmp_path, capsys, extra, name):
+    # Prepare
+    image = _png(tmp_path / "a.png", 1)
+    argv = [str(saved_filter), str(image), "--uploader", "0", *extra]
+    # Execute
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    # Assert
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2
+    assert err.startswith("usage: docl-flower filter check")
+    assert f"argument {name}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["missing folder", "folder without filter.json"])
+def test_a_folder_that_is_no_filter_prints_usage(tmp_path, capsys, kind):
+    # Prepare
+    folder = tmp_path / "filter"
+    if kind != "missing folder":
+        folder.mkdir()
+        (folder / "notes.txt").write_text("hello\n")
+    image = _png(tmp_path / "a.png", 1)
+    # Execute
+    with pytest.raises(SystemExit) as exc:
+        main([str(folder), str(image), "--uploader", "0"])
+    # Assert
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2
+    assert "usage:" in err and str(folder) in err
+    assert ("no such folder" if kind == "missing folder" else "filter.json") in err
+
+
+def test_a_corrupt_tensors_file_gives_one_line_and_exit_2(saved_filter, tmp_path, capsys):
+    # Prepare: overwrite the safetensors header length (its first 8 bytes) with garbage.
+    (tensors,) = saved_filter.glob("*.safetensors")
+    data = bytearray(tensors.read_bytes())
+    data[:8] = b"\xff" * 8
+    tensors.write_bytes(bytes(data))
+    image = _png(tmp_path / "a.png", 1)
+    # Execute
+    code = main([str(saved_filter), str(image), "--uploader", "0"])
+    # Assert
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and str(saved_filter) in err, err
+    assert err.startswith("docl-flower filter check: ")
+
+
+def test_a_safetensors_error_gives_one_line_and_exit_2(saved_filter, tmp_path, capsys, monkeypatch):
+    # Prepare: the reader fails as safetensors does on a header it cannot parse.
+    def corrupt(folder):
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+
+    monkeypatch.setattr(check, "load_filter", corrupt)
+    image = _png(tmp_path / "a.png", 1)
+    # Execute
+    code = main([str(saved_filter), str(image), "--uploader", "0"])
+    # Assert
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err.splitlines() == [
+        f"docl-flower filter check: {saved_filter}: cannot read the filter "
+        "(Error while deserializing header: HeaderTooLarge)"
+    ]
+
+
+def test_a_filter_without_extractor_config_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    save_filter(tmp_path / "filter", [random_registration(rng, 0, 0, dim=784)], info={})
+    image = _png(tmp_path / "a.png", 1)
+    code = main([str(tmp_path / "filter"), str(image), "--uploader", "0"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "no usable extractor" in err and len(err.splitlines()) == 1

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import check_int, check_number
+
 
 @dataclass(frozen=True)
 class Mlp2NN:
@@ -20,6 +22,10 @@ class Mlp2NN:
 
     hidden: int = 200
     num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        check_int("hidden", self.hidden, minimum=1)
+        check_int("num_classes", self.num_classes, minimum=2)
 
     def build(self, dim: int) -> nn.Module:
         """A fresh, untrained module for inputs of dimension ``dim``."""
@@ -41,6 +47,10 @@ class Cnn:
 
     num_classes: int = 10
     image_size: int = 28
+
+    def __post_init__(self) -> None:
+        check_int("num_classes", self.num_classes, minimum=2)
+        check_int("image_size", self.image_size, minimum=4)  # two 2x2 poolings
 
     def build(self, dim: int) -> nn.Module:
         """A fresh, untrained module; ``dim`` must be ``image_size ** 2``."""
@@ -77,8 +87,10 @@ class SgdSpec:
     momentum: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError("epochs, batch_size >= 1 and lr > 0 required")
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_number("lr", self.lr, above=0.0)
+        check_number("momentum", self.momentum, minimum=0.0)
 
 
 def train_classifier(

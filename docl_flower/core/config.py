@@ -6,24 +6,37 @@ client needs travels as JSON (:class:`ClientSpec`) inside the train message's Co
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+import torch
 from hydra.errors import InstantiationException
 from numpy.typing import NDArray
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .classifier import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
 from .data import IdxDataset, Partition, class_indices, user_class_indices
 from .features import FeatureExtractor
-from .filter import Guard, ScoringConfig, make_guard
+from .filter import GUARDS, Guard, ScoringConfig, make_guard
 from .install import PACKAGE_ROOT, project_root
-from .model import AutoencoderSpec, TrainSpec
-from .registry import build, register
+from .model import (
+    AutoencoderSpec,
+    RandomAffine,
+    TrainSpec,
+    _build_scheduler,
+    check_int,
+    check_number,
+)
+from .registry import build, factory, register
 
 #: What the ``model`` group builds: DOCL's autoencoder or a baseline's classifier.
 ModelSpec = AutoencoderSpec | ClassifierSpec
@@ -49,6 +62,10 @@ class SimulationSpec:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_number("num_cpus", self.num_cpus, above=0.0)
+        check_number("num_gpus", self.num_gpus, minimum=0.0)
+
 
 def _container(node: object) -> Mapping[str, object]:
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
@@ -57,13 +74,92 @@ def _container(node: object) -> Mapping[str, object]:
     return {str(k): v for k, v in data.items()}
 
 
-def _spec(group: str, node: object) -> object:
+#: Lower bounds of integer fields whose classes do not name the field when they reject it.
+_MINIMUM: dict[object, dict[str, int]] = {
+    ScoringConfig: {"chunk_images": 1, "chunk_models": 1},
+    Partition: {"num_users": 1, "classes_per_user": 1},
+}
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _keyed(key: str, names: Collection[str], err: BaseException) -> str:
+    """``err``'s message, prefixed with the config key: ``KEY.FIELD ...`` or ``KEY: ...``."""
+    text = _one_line(err)
+    head = re.match(r"[A-Za-z_]\w*", text)
+    if head is not None and head.group() in names:
+        return f"{key}.{text}"
+    return f"{key}: {text}"
+
+
+@contextmanager
+def _config_key(key: str, names: Collection[str] = ()) -> Iterator[None]:
+    """Re-raise what building the config under ``key`` rejects as one ``ValueError`` line.
+
+    A message that starts with one of ``names`` (the fields of the component) is prefixed with
+    ``KEY.``; any other with ``KEY: ``.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, InstantiationException) as err:
+        raise ValueError(_keyed(key, names, err)) from err
+
+
+def _fields(group: str, data: Mapping[str, object]) -> tuple[object, list[str]]:
+    """The factory a config node names and the names of its arguments (empty if unknown)."""
+    try:
+        make = factory(group, data.get("_target_"))
+    except ValueError:
+        return None, []
+    try:
+        return make, list(inspect.signature(make).parameters)
+    except (TypeError, ValueError):
+        return make, []
+
+
+def _check_fields(make: object, data: Mapping[str, object]) -> None:
+    """Check the plain-typed fields of a dataclass component before it is built.
+
+    ``int`` fields need an int (not a bool, not a float), ``float`` fields a finite number,
+    ``bool`` fields a bool and ``str`` fields a string; :data:`_MINIMUM` adds lower bounds.
+    Messages start with the field name.
+    """
+    if not (isinstance(make, type) and dataclasses.is_dataclass(make)):
+        return
+    bounds = _MINIMUM.get(make, {})
+    for f in dataclasses.fields(make):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "int":
+            check_int(f.name, value, bounds.get(f.name))
+        elif kind == "float":
+            check_number(f.name, value)
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false, got {value!r}")
+        elif kind == "str" and not isinstance(value, str):
+            raise ValueError(f"{f.name} must be a string, got {value!r}")
+
+
+def _spec(group: str, node: object, key: str | None = None) -> object:
     """Build the component a config node names, through the registry (no recursion).
 
     Nested ``_target_`` configs (optimiser, scheduler, augmentation) stay plain dicts so that
-    they can be sent to clients as JSON and built there, from the same registry.
+    they can be sent to clients as JSON and built there, from the same registry. Raises
+    ``ValueError`` with a message that starts with ``key`` (default: ``group``), e.g.
+    ``model.hidden must be >= 1, got 0``.
     """
-    return build(group, _container(node))
+    names: list[str] = []
+    try:
+        data = _container(node)
+        make, names = _fields(group, data)
+        _check_fields(make, data)
+        return build(group, data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(_keyed(key or group, names, err)) from err
 
 
 register("simulation", "docl_flower.core.config.SimulationSpec", SimulationSpec)
@@ -217,13 +313,28 @@ class Experiment:
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
-    """Validate the composed config and map it to typed objects (raises ``ValueError``)."""
+    """Validate the composed config and map it to typed objects.
+
+    Everything a run needs is checked here, before Flower or Ray start.
+
+    Raises
+    ------
+    ValueError
+        One line that starts with the config key it rejects, e.g.
+        ``model.hidden must be >= 1, got 0`` or ``simulation.num_cpus must be > 0, got 0``.
+    """
     try:
         return _build_experiment(cfg)
+    except ValueError as err:
+        raise ValueError(_one_line(err)) from err
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        raise ValueError(f"invalid config: {_one_line(err)}") from err
     except InstantiationException as err:
-        raise ValueError(str(err)) from err
+        raise ValueError(_one_line(err)) from err
+    except KeyError as err:  # a config group removed with ``~group``
+        raise ValueError(f"invalid config: missing key {err}") from err
     except TypeError as err:  # unknown or missing keys of a spec
-        raise ValueError(f"invalid config: {err}") from err
+        raise ValueError(f"invalid config: {_one_line(err)}") from err
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -259,24 +370,119 @@ def load_experiment(path: Path) -> Experiment:
     return build_experiment(cfg)
 
 
+#: Largest seed plus one (numpy's and torch's seeding accept 0 .. 2**32 - 1 everywhere).
+SEED_LIMIT = 2**32
+
+
+def _check_top_level(container: Mapping[str, object]) -> int:
+    """Check the keys outside the config groups; return the seed."""
+    seed = container["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in 0..{SEED_LIMIT - 1}, got {seed!r}")
+    if "num_users" in container:
+        check_int("num_users", container["num_users"], minimum=1)
+    for key in ("run_timeout_s", "strategy_timeout_s"):
+        if key in container:
+            check_number(key, container[key], above=0.0)
+    return seed
+
+
+def _check_recipe(train: TrainRecipe) -> None:
+    """Build what a client builds from ``train`` (optimiser, scheduler, augmentation) once.
+
+    So that a bad learning rate or an unknown scheduler argument fails here, not on every
+    client after Flower has started.
+    """
+    if not isinstance(train, TrainSpec):
+        return
+    probe = [torch.nn.Parameter(torch.zeros(1))]
+    with _config_key("train.optimizer"):
+        make = build("optimizer", train.optimizer, partial=True)
+        assert callable(make)
+        optimizer = make(probe)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"builds a {type(optimizer).__name__}, not an optimiser")
+    with _config_key("train.scheduler"):
+        _build_scheduler(train.scheduler, optimizer, total_steps=100)
+    if train.augment is not None:
+        with _config_key("train.augment"):
+            augment = build("augment", train.augment)
+            if not isinstance(augment, RandomAffine):
+                raise ValueError(f"builds a {type(augment).__name__}, not an augmentation")
+
+
+def _check_combination(
+    workflow: WorkflowSpec, model: ModelSpec, train: TrainRecipe, num_classes: int
+) -> None:
+    """Refuse a model or recipe that the strategy's clients cannot train."""
+    task = workflow.CLIENT_TASK
+    if task == "docl":
+        if not isinstance(model, AutoencoderSpec):
+            raise ValueError(
+                f"model: the DOCL strategy trains autoencoders, not a {type(model).__name__} "
+                "(use model=paper)"
+            )
+        if not isinstance(train, TrainSpec):
+            raise ValueError(
+                f"train: the DOCL strategy trains autoencoders, not with {type(train).__name__} "
+                "(use train=default or train=paper)"
+            )
+    elif task in ("classifier", "idle"):
+        if isinstance(model, AutoencoderSpec):
+            raise ValueError(
+                "model: the baselines train a classifier, not an autoencoder "
+                "(use model=mlp2nn or model=cnn)"
+            )
+        if not isinstance(train, SgdSpec):
+            raise ValueError("train: the baselines train with SGD (use train=sgd)")
+    if not isinstance(model, AutoencoderSpec) and model.num_classes < num_classes:
+        raise ValueError(
+            f"model.num_classes must be >= dataset.num_classes ({num_classes}), "
+            f"got {model.num_classes}"
+        )
+
+
+def _build_guard(node: object) -> Guard:
+    names = ("name", "alpha")
+    with _config_key("guard", names):
+        data = _container(node)
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} (known: {list(names)})")
+        name = data.get("name")
+        if not isinstance(name, str) or name not in GUARDS:
+            raise ValueError(f"name must be one of {sorted(GUARDS)}, got {name!r}")
+        alpha = check_number("alpha", data.get("alpha"), above=0.0)
+        return make_guard(name, alpha)
+
+
 def _build_experiment(cfg: DictConfig) -> Experiment:
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    dataset_cfg = {
-        k: v for k, v in container["dataset"].items() if k not in ("num_classes", "harmless")
-    }
-    num_classes = int(container["dataset"]["num_classes"])
-    harmless_cfg = container["dataset"].get("harmless")
+    container = _container(cfg)
+    seed = _check_top_level(container)
+    dataset_node = _container(container["dataset"])
+    dataset_cfg = {k: v for k, v in dataset_node.items() if k not in ("num_classes", "harmless")}
+    with _config_key("dataset", ["num_classes"]):
+        num_classes = check_int("num_classes", dataset_node.get("num_classes"), minimum=1)
+    harmless_cfg = dataset_node.get("harmless")
+    dataset = _as_dataset(_spec("dataset", dataset_cfg))
+    harmless = (
+        _as_dataset(_spec("dataset", harmless_cfg, "dataset.harmless")) if harmless_cfg else None
+    )
     partition = _as_partition(_spec("partition", container["partition"]))
-    assignment = partition.assignment(num_classes)
-    train_cfg = dict(container["train"])
-    model_cfg = dict(container["model"])
-    seed = int(container["seed"])
+    with _config_key("partition", [f.name for f in dataclasses.fields(Partition)]):
+        assignment = partition.assignment(num_classes)
+    train_cfg = dict(_container(container["train"]))
+    model_cfg = dict(_container(container["model"]))
+    model = _as_model(_spec("model", model_cfg))
+    train = _as_train(_spec("train", train_cfg))
+    _check_recipe(train)
     workflow = _as_workflow(_spec("strategy", container["strategy"]))
+    _check_combination(workflow, model, train, num_classes)
+    features_cfg = dict(_container(container["features"]))
     client_spec = ClientSpec(
         seed=seed,
         dataset=dataset_cfg,
-        features=dict(container["features"]),
+        features=features_cfg,
         model=model_cfg,
         train=train_cfg,
         assignment={u: list(cs) for u, cs in assignment.items()},
@@ -288,13 +494,13 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
     return Experiment(
         seed=seed,
         num_classes=num_classes,
-        dataset=_as_dataset(_spec("dataset", dataset_cfg)),
-        harmless=_as_dataset(_spec("dataset", harmless_cfg)) if harmless_cfg else None,
-        features=_as_features(_spec("features", container["features"])),
+        dataset=dataset,
+        harmless=harmless,
+        features=_as_features(_spec("features", features_cfg)),
         partition=partition,
-        model=_as_model(_spec("model", model_cfg)),
-        train=_as_train(_spec("train", train_cfg)),
-        guard=make_guard(**container["guard"]),
+        model=model,
+        train=train,
+        guard=_build_guard(container["guard"]),
         scoring=_as(ScoringConfig, _spec("scoring", container["scoring"]), "scoring"),
         simulation=_as(SimulationSpec, _spec("simulation", container["simulation"]), "simulation"),
         client_spec=client_spec,

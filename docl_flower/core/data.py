@@ -169,7 +169,7 @@ class Partition:
         """Map each user id to the tuple of classes it owns; validate the layout."""
         if self.iid:
             if self.num_users < 1:
-                raise ValueError("num_users must be >= 1")
+                raise ValueError(f"num_users must be >= 1, got {self.num_users}")
             # Every user holds a disjoint shard of every class.
             return {u: tuple(range(num_classes)) for u in range(self.num_users)}
         if self.user_classes is not None:
@@ -179,25 +179,32 @@ class Partition:
                     f"user_classes lists {len(table)} users but num_users is {self.num_users}"
                 )
         else:
-            if self.num_users < 1 or self.classes_per_user < 1:
-                raise ValueError("num_users and classes_per_user must be >= 1")
+            if self.num_users < 1:
+                raise ValueError(f"num_users must be >= 1, got {self.num_users}")
+            if self.classes_per_user < 1:
+                raise ValueError(f"classes_per_user must be >= 1, got {self.classes_per_user}")
             needed = self.num_users * self.classes_per_user
             if needed > num_classes:
                 raise ValueError(
-                    f"{self.num_users} users x {self.classes_per_user} classes each needs "
-                    f"{needed} classes but the data set has {num_classes}"
+                    f"num_users={self.num_users} with classes_per_user={self.classes_per_user} "
+                    f"needs {needed} classes, but the data set has {num_classes}"
                 )
             k = self.classes_per_user
             table = {u: tuple(range(u * k, (u + 1) * k)) for u in range(self.num_users)}
         seen: set[int] = set()
         for user, classes in table.items():
             if not classes:
-                raise ValueError(f"user {user} owns no class")
+                raise ValueError(f"user_classes: user {user} owns no class")
             for c in classes:
                 if not 0 <= c < num_classes:
-                    raise ValueError(f"user {user}: class {c} is not in 0..{num_classes - 1}")
+                    raise ValueError(
+                        f"user_classes: user {user} -> class {c} is not in 0..{num_classes - 1}"
+                    )
                 if c in seen and not self.shared_classes:
-                    raise ValueError(f"class {c} is owned by more than one user")
+                    raise ValueError(
+                        f"user_classes: class {c} is owned by more than one user "
+                        "(shared_classes is false)"
+                    )
                 seen.add(c)
         for user, extra in self.extra_classes.items():
             if int(user) not in table or any(not 0 <= int(c) < num_classes for c in extra):

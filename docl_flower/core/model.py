@@ -10,6 +10,7 @@ import functools
 import inspect
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,103 @@ log = logging.getLogger(__name__)
 
 #: Names of the four tensors of one autoencoder, in upload order.
 PARAM_NAMES: tuple[str, ...] = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
+
+#: Values of :attr:`AutoencoderSpec.init`.
+INITS: tuple[str, ...] = ("glorot", "torch")
+
+
+def check_int(name: str, value: object, minimum: int | None = None) -> int:
+    """Validate a spec field that must be an integer (not a bool), at least ``minimum``.
+
+    Parameters
+    ----------
+    name : str
+        The field's name; every message starts with it (the config layer prefixes the group).
+    value : object
+        The value to check.
+    minimum : int, optional
+        Smallest allowed value.
+
+    Returns
+    -------
+    int
+        ``value`` as a Python int.
+
+    Raises
+    ------
+    ValueError
+        ``"NAME must be an int ..., got VALUE"`` for a wrong type or a value out of range.
+    """
+    bound = "" if minimum is None else f" >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be{bound}, got {number}")
+    return number
+
+
+def check_number(
+    name: str, value: object, *, above: float | None = None, minimum: float | None = None
+) -> float:
+    """Validate a spec field that must be a finite real number (not a bool).
+
+    Parameters
+    ----------
+    name : str
+        The field's name; every message starts with it.
+    value : object
+        The value to check.
+    above : float, optional
+        Exclusive lower bound.
+    minimum : float, optional
+        Inclusive lower bound.
+
+    Returns
+    -------
+    float
+        ``value`` as a Python float.
+
+    Raises
+    ------
+    ValueError
+        ``"NAME must be ..., got VALUE"`` for a wrong type, NaN, infinity or a value out of
+        range.
+    """
+    bound = "".join(
+        f" {op} {limit:g}" for op, limit in ((">", above), (">=", minimum)) if limit is not None
+    )
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number{bound}, got {number}")
+    if (above is not None and not number > above) or (minimum is not None and number < minimum):
+        raise ValueError(f"{name} must be{bound}, got {value}")
+    return number
+
+
+def check_node(name: str, value: object, optional: bool = False) -> None:
+    """Validate a spec field that holds a component config (a mapping with ``_target_``).
+
+    Parameters
+    ----------
+    name : str
+        The field's name; the message starts with it.
+    value : object
+        The value to check.
+    optional : bool
+        Whether ``None`` is allowed.
+
+    Raises
+    ------
+    ValueError
+        ``"NAME must be a config with a _target_, got VALUE"``.
+    """
+    if optional and value is None:
+        return
+    if not isinstance(value, Mapping) or not isinstance(value.get("_target_"), str):
+        raise ValueError(f"{name} must be a config with a _target_, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +137,11 @@ class AutoencoderSpec:
 
     hidden: int = 32
     init: str = "glorot"
+
+    def __post_init__(self) -> None:
+        check_int("hidden", self.hidden, minimum=1)
+        if not isinstance(self.init, str) or self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
 
     def shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
         """Expected tensor shapes for input dimension ``dim``."""
@@ -78,8 +181,13 @@ class TrainSpec:
     min_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
-            raise ValueError("epochs and batch_size must be >= 1, min_steps >= 0")
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("num_threads", self.num_threads, minimum=0)
+        check_int("min_steps", self.min_steps, minimum=0)
+        check_node("optimizer", self.optimizer)
+        check_node("scheduler", self.scheduler, optional=True)
+        check_node("augment", self.augment, optional=True)
 
     def epochs_for(self, num_examples: int) -> int:
         """Epochs to run: ``epochs``, or more when that gives fewer than ``min_steps`` updates.
@@ -141,6 +249,17 @@ class RandomAffine:
     degrees: float = 10.0
     translate: float = 2.0
     scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        shape = self.image_shape
+        if not isinstance(shape, tuple | list) or len(shape) != 2:
+            raise ValueError(f"image_shape must be (H, W), got {shape!r}")
+        for side in shape:
+            check_int("image_shape", side, minimum=1)
+        check_number("degrees", self.degrees, minimum=0.0)
+        check_number("translate", self.translate, minimum=0.0)
+        if check_number("scale", self.scale, minimum=0.0) >= 1.0:
+            raise ValueError(f"scale must be < 1, got {self.scale}")
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Return augmented copies of ``x`` (shape ``(n, H*W)``), values kept in [0, 1]."""

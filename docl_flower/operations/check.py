@@ -5,111 +5,233 @@
 PATH is an image file (PNG, JPEG, PGM, ...) or a folder of them. Images are read as grey,
 resized to the data set's image size, passed through the feature extractor the filter was
 built with, and scored by every registered autoencoder.
+
+A file that cannot be read as an image gets one error line (on stderr) and the other images
+are still decided. Exit status: 0 when every file was decided, 1 when some file could not be
+read, 2 for bad arguments or a filter that cannot be used.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
+from safetensors import SafetensorError
 
 from ..core.features import FeatureExtractor
-from ..core.filter import GUARDS, GlobalFilter
+from ..core.filter import GUARDS, GlobalFilter, Guard, Registration
 from ..core.registry import build
-from ..core.store import load_filter
+from ..core.store import META_FILE, load_filter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+#: What reading one damaged or unreadable image may raise (Pillow raises several kinds).
+IMAGE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+PROG = "docl-flower filter check"
+
+EXIT_OK = 0
+EXIT_FILE_ERRORS = 1
+EXIT_USAGE = 2
+
+
+class FilterError(Exception):
+    """The filter folder cannot be used (the message names the folder)."""
 
 
 def collect(paths: Sequence[Path]) -> list[Path]:
-    """Image files named directly or found (non-recursively) in named folders, sorted."""
+    """Image files named directly or found (non-recursively) in named folders, sorted.
+
+    A named path that does not exist, and a folder entry with an image suffix that is not a
+    regular file (a dangling link, say), are kept: reading them fails, for that file alone.
+    """
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            files.append(p)
+            files += sorted(
+                f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir()
+            )
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
+            files.append(p)
     return files
 
 
-def load_images(files: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
-    """``(n, H, W)`` uint8 grey images."""
-    out = []
-    for f in files:
-        with Image.open(f) as img:
-            grey = img.convert("L")
-            if grey.size != (size[1], size[0]):
-                grey = grey.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            out.append(np.asarray(grey, dtype=np.uint8))
-    return np.stack(out)
+def load_image(path: Path, size: tuple[int, int]) -> NDArray[np.uint8]:
+    """One ``(H, W)`` uint8 grey image; raises one of :data:`IMAGE_ERRORS` if unreadable."""
+    with Image.open(path) as img:
+        grey = img.convert("L")  # decodes the whole file: a truncated one fails here
+        if grey.size != (size[1], size[0]):
+            grey = grey.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(grey, dtype=np.uint8)
 
 
-def main(argv: Sequence[str]) -> int:
-    """Entry point of ``docl-flower filter check``; returns the exit code."""
+def load_images(files: Sequence[Path], size: tuple[int, int]) -> NDArray[np.uint8]:
+    """``(n, H, W)`` uint8 grey images (raises for the first unreadable file)."""
+    return np.stack([load_image(f, size) for f in files])
+
+
+def _alpha(text: str) -> float:
+    """Argparse type of ``--alpha``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _user_id(text: str) -> int:
+    """Argparse type of ``--uploader``: a user id, or -1 for a third party."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a user id (an integer >= -1), got {text!r}"
+        ) from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be a user id (an integer >= -1), got {text!r}")
+    return value
+
+
+def _side(text: str) -> int:
+    """Argparse type of ``--image-size``: a positive number of pixels."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _filter_dir(text: str) -> Path:
+    """Argparse type of FILTER_DIR: an existing folder that holds a ``filter.json``."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    if not (path / META_FILE).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a saved filter (no {META_FILE})")
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="docl-flower filter check",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("filter", type=Path, help="folder written by a run (RUN_DIR/filter)")
+    parser.add_argument("filter", type=_filter_dir, help="folder written by a run (RUN_DIR/filter)")
     parser.add_argument("paths", type=Path, nargs="+", help="image files or folders")
     parser.add_argument(
-        "--uploader", type=int, required=True, help="user id of the uploader (-1: a third party)"
+        "--uploader",
+        type=_user_id,
+        required=True,
+        help="user id of the uploader (-1: a third party)",
     )
     parser.add_argument(
         "--alpha",
-        type=float,
+        type=_alpha,
         default=None,
-        help="Guard alpha (default: the one the filter was run with)",
+        help="Guard alpha, a finite number > 0 (default: the one the filter was run with)",
     )
     parser.add_argument("--guard", choices=sorted(GUARDS), default="paper")
-    parser.add_argument("--image-size", type=int, nargs=2, default=(28, 28), metavar=("H", "W"))
-    args = parser.parse_args(list(argv))
+    parser.add_argument("--image-size", type=_side, nargs=2, default=(28, 28), metavar=("H", "W"))
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _load(
+    folder: Path, guard_name: str, alpha: float | None
+) -> tuple[list[Registration], FeatureExtractor, Guard, float]:
+    """The filter's autoencoders, its feature extractor and the Guard; raises FilterError."""
     try:
-        regs, meta = load_filter(args.filter)
-        files = collect(args.paths)
-    except (OSError, ValueError) as err:
-        print(f"docl-flower filter check: {err}", file=sys.stderr)
-        return 2
-    if not files:
-        print("docl-flower filter check: no image files found", file=sys.stderr)
-        return 2
-    config = meta.get("config", {})
+        regs, meta = load_filter(folder)
+    except FileNotFoundError as err:
+        raise FilterError(f"{folder}: not a saved filter ({err.filename} is missing)") from err
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        text = _one_line(err).removeprefix(f"{folder}: ")
+        raise FilterError(f"{folder}: cannot read the filter ({text})") from err
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        config = {}
     try:
         features = build("features", config["features"])
     except (KeyError, TypeError, ValueError) as err:
-        print(
-            f"docl-flower filter check: {args.filter}: no usable extractor ({err})", file=sys.stderr
-        )
-        return 2
+        raise FilterError(f"{folder}: no usable extractor ({_one_line(err)})") from err
     if not isinstance(features, FeatureExtractor):
-        print(f"docl-flower filter check: {args.filter}: not a feature extractor", file=sys.stderr)
-        return 2
-    alpha = (
-        args.alpha if args.alpha is not None else float(config.get("guard", {}).get("alpha", 1.5))
-    )
-    guard = GUARDS[args.guard](alpha)
-    flt = GlobalFilter(regs)
-    x = features(load_images(files, tuple(args.image_size)))
-    scores = flt.scores(x)
-    idx, dmin = flt.predict(scores)
-    block = guard.block(flt, scores, args.uploader)
+        raise FilterError(f"{folder}: not a feature extractor")
+    try:
+        if alpha is None:
+            guard_cfg = config.get("guard", {})
+            alpha = float(guard_cfg.get("alpha", 1.5) if isinstance(guard_cfg, dict) else 1.5)
+        guard = GUARDS[guard_name](alpha)
+    except (TypeError, ValueError) as err:
+        raise FilterError(f"{folder}: the filter's guard {_one_line(err)}") from err
+    return regs, features, guard, alpha
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``docl-flower filter check``; returns the exit code.
+
+    Bad arguments make argparse print the usage and exit with status 2.
+    """
+    args = _parser().parse_args(list(argv))
+    try:
+        regs, features, guard, alpha = _load(args.filter, args.guard, args.alpha)
+        flt = GlobalFilter(regs)
+    except (FilterError, ValueError) as err:
+        print(f"{PROG}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    files = collect(args.paths)
+    if not files:
+        print(f"{PROG}: no image files found", file=sys.stderr)
+        return EXIT_USAGE
+    size = (int(args.image_size[0]), int(args.image_size[1]))
+    decided: list[Path] = []
+    images: list[NDArray[np.uint8]] = []
+    failed = 0
+    for f in files:
+        try:
+            images.append(load_image(f, size))
+            decided.append(f)
+        except IMAGE_ERRORS as err:
+            failed += 1
+            print(f"{PROG}: {f}: cannot read image ({_one_line(err)})", file=sys.stderr)
+    rows: list[str] = []
+    if decided:
+        try:
+            scores = flt.scores(features(np.stack(images)))
+        except ValueError as err:  # --image-size gives features of another size
+            print(f"{PROG}: {args.filter}: {_one_line(err)} (check --image-size)", file=sys.stderr)
+            return EXIT_USAGE
+        idx, dmin = flt.predict(scores)
+        block = guard.block(flt, scores, args.uploader)
+        for f, i, d, b in zip(decided, idx.tolist(), dmin.tolist(), block.tolist(), strict=True):
+            reg = regs[i]
+            lo, hi = reg.err_mean - alpha * reg.err_std, reg.err_mean + alpha * reg.err_std
+            rows.append(
+                f"{f}\t{reg.user_id}\t{reg.label}\t{d:.3f}\t[{lo:.3f}, {hi:.3f}]\t"
+                f"{'block' if b else 'share'}"
+            )
     print(
         f"filter: {len(regs)} autoencoders; guard {args.guard}, alpha {alpha}; "
         f"uploader {args.uploader}"
     )
     print("image\tpredicted_owner\tpredicted_class\tscore\tinterval\tdecision")
-    for f, i, d, b in zip(files, idx.tolist(), dmin.tolist(), block.tolist(), strict=True):
-        reg = regs[i]
-        lo, hi = reg.err_mean - alpha * reg.err_std, reg.err_mean + alpha * reg.err_std
-        print(
-            f"{f}\t{reg.user_id}\t{reg.label}\t{d:.3f}\t[{lo:.3f}, {hi:.3f}]\t"
-            f"{'block' if b else 'share'}"
-        )
-    return 0
+    for row in rows:
+        print(row)
+    return EXIT_FILE_ERRORS if failed else EXIT_OK
