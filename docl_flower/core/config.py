@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .classifier import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
 from .data import IdxDataset, Partition, class_indices, user_class_indices
 from .features import FeatureExtractor
-from .filter import GUARDS, Guard, ScoringConfig, make_guard
+from .filter import GUARDS, SIDES, Guard, ScoringConfig, make_guard
 from .install import PACKAGE_ROOT, project_root
 from .model import (
     AutoencoderSpec,
@@ -443,7 +443,7 @@ def _check_combination(
 
 
 def _build_guard(node: object) -> Guard:
-    names = ("name", "alpha")
+    names = ("name", "alpha", "sided")
     with _config_key("guard", names):
         data = _container(node)
         unknown = sorted(set(data) - set(names))
@@ -453,7 +453,10 @@ def _build_guard(node: object) -> Guard:
         if not isinstance(name, str) or name not in GUARDS:
             raise ValueError(f"name must be one of {sorted(GUARDS)}, got {name!r}")
         alpha = check_number("alpha", data.get("alpha"), above=0.0)
-        return make_guard(name, alpha)
+        sided = data.get("sided", "two")
+        if sided not in SIDES:
+            raise ValueError(f"sided must be one of {list(SIDES)}, got {sided!r}")
+        return make_guard(name, alpha, str(sided))
 
 
 def _build_experiment(cfg: DictConfig) -> Experiment:

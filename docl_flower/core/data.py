@@ -9,7 +9,7 @@ import gzip
 import hashlib
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -289,3 +289,14 @@ def user_class_indices(
         rng = np.random.default_rng(derive_seed(seed, user, cls))
         idx = np.sort(rng.choice(idx, size=keep, replace=False))
     return idx
+
+
+#: Data sets by the name a config's ``_target_`` gives (see :mod:`.registry`).
+DATASETS: dict[str, Callable[..., object]] = {"docl_flower.core.data.IdxDataset": IdxDataset}
+
+#: Partitions (which user owns which classes) by ``_target_`` name.
+PARTITIONS: dict[str, Callable[..., Partition]] = {
+    "docl_flower.core.data.Partition": Partition,
+    "docl_flower.core.data.adversary_partition": adversary_partition,
+    "docl_flower.core.data.imbalance_partition": imbalance_partition,
+}

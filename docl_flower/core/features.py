@@ -117,3 +117,10 @@ class Deskew:
     def spatial(self) -> bool:
         """Whether features keep the image layout (so image augmentations apply)."""
         return True
+
+
+#: Feature extractors by the name a config's ``_target_`` gives (see :mod:`.registry`).
+EXTRACTORS: dict[str, type[FeatureExtractor]] = {
+    "docl_flower.core.features.Identity": Identity,
+    "docl_flower.core.features.Deskew": Deskew,
+}

@@ -245,12 +245,20 @@ class GlobalFilter:
         """Predicted class (the label of autoencoder ``i*``) per image."""
         return self.labels[self.predict(scores)[0]]
 
-    def inside(self, scores: torch.Tensor, alpha: float) -> torch.Tensor:
-        """Whether each error lies in its autoencoder's privacy interval, shape (n, N)."""
-        lo = self.mu - alpha * self.sigma
+    def inside(self, scores: torch.Tensor, alpha: float, sided: str = "two") -> torch.Tensor:
+        """Whether each error lies in its autoencoder's privacy interval, shape (n, N).
+
+        ``sided="two"`` is the paper's interval ``[mu - alpha*sigma, mu + alpha*sigma]``;
+        ``sided="one"`` is ``d <= mu + alpha*sigma`` (an image the autoencoder reconstructs
+        better than its own photos is at least as likely to show its owner). NaN is outside.
+        """
         hi = self.mu + alpha * self.sigma
         s = scores.to(torch.float64)
-        return (s >= lo) & (s <= hi)
+        if sided == "one":
+            return s <= hi
+        if sided != "two":
+            raise ValueError(f"sided must be 'one' or 'two', got {sided!r}")
+        return (s >= self.mu - alpha * self.sigma) & (s <= hi)
 
 
 def reference_scores(registrations: Sequence[Registration], x: torch.Tensor) -> torch.Tensor:
@@ -264,6 +272,10 @@ def reference_scores(registrations: Sequence[Registration], x: torch.Tensor) -> 
     return torch.stack(cols, 1)
 
 
+#: Sides of the privacy interval: the paper's two-sided one, or one-sided (``d <= hi``).
+SIDES = ("two", "one")
+
+
 @dataclass(frozen=True)
 class ArgminGuard:
     """The paper's Guard: look only at the best autoencoder ``i*``.
@@ -273,18 +285,21 @@ class ArgminGuard:
     """
 
     alpha: float = 1.5
+    sided: str = "two"
 
     def __post_init__(self) -> None:
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < float("inf"):
             raise ValueError(f"alpha must be a finite number > 0, got {a!r}")
+        if self.sided not in SIDES:
+            raise ValueError(f"sided must be one of {list(SIDES)}, got {self.sided!r}")
 
     def block(
         self, flt: GlobalFilter, scores: torch.Tensor, uploader: torch.Tensor | int
     ) -> torch.Tensor:
         """Boolean block decision per image uploaded by ``uploader`` (a user id per image)."""
         idx, _ = flt.predict(scores)
-        inside = flt.inside(scores, self.alpha).gather(1, idx[:, None])[:, 0]
+        inside = flt.inside(scores, self.alpha, self.sided).gather(1, idx[:, None])[:, 0]
         own = flt.owners[idx] == torch.as_tensor(uploader)
         return inside & ~own
 
@@ -297,17 +312,20 @@ class StrictGuard:
     """
 
     alpha: float = 1.5
+    sided: str = "two"
 
     def __post_init__(self) -> None:
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < float("inf"):
             raise ValueError(f"alpha must be a finite number > 0, got {a!r}")
+        if self.sided not in SIDES:
+            raise ValueError(f"sided must be one of {list(SIDES)}, got {self.sided!r}")
 
     def block(
         self, flt: GlobalFilter, scores: torch.Tensor, uploader: torch.Tensor | int
     ) -> torch.Tensor:
         """Boolean block decision per image uploaded by ``uploader``."""
-        inside = flt.inside(scores, self.alpha)
+        inside = flt.inside(scores, self.alpha, self.sided)
         up = torch.as_tensor(uploader).reshape(-1, 1)
         foreign = flt.owners[None, :] != up
         return (inside & foreign).any(dim=1)
@@ -323,11 +341,11 @@ GUARDS: dict[str, type[ArgminGuard] | type[StrictGuard]] = {
 }
 
 
-def make_guard(name: str, alpha: float) -> Guard:
-    """The Guard called ``name`` (a key of :data:`GUARDS`) with privacy width ``alpha``."""
+def make_guard(name: str, alpha: float, sided: str = "two") -> Guard:
+    """The Guard called ``name`` (a key of :data:`GUARDS`) with width ``alpha`` and ``sided``."""
     if name not in GUARDS:
         raise ValueError(f"unknown guard {name!r}; choose one of {sorted(GUARDS)}")
-    return GUARDS[name](float(alpha))
+    return GUARDS[name](alpha, sided)
 
 
 def guard_name(guard: Guard) -> str:

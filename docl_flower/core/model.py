@@ -154,14 +154,23 @@ class AutoencoderSpec:
         }
 
 
+#: How a client estimates ``mu`` and ``sigma`` of its errors (see :mod:`.calibration`).
+CALIBRATIONS = ("train", "heldout", "auto")
+
+
 @dataclass(frozen=True)
 class TrainSpec:
-    """How a client trains its autoencoder (eq. 4-5).
+    """How a client trains its autoencoder (eq. 4-5) and calibrates its privacy interval.
 
-    ``optimizer``, ``scheduler`` and ``augment`` are Hydra configs (``_target_``) so that
-    any ``torch.optim`` optimiser or scheduler, or any augmentation callable, plugs in.
-    The loss is the paper's: binary cross-entropy summed over the D features, averaged
-    over the batch.
+    ``optimizer``, ``scheduler`` and ``augment`` are registered components named by
+    ``_target_`` (see :mod:`.registry`). The loss is the paper's: binary cross-entropy
+    summed over the D features, averaged over the batch.
+
+    ``calibration``: ``"train"`` takes ``mu``, ``sigma`` from the errors on the training
+    images (the paper); ``"heldout"`` from errors on images held out of training (``folds``
+    folds, at most one per image; 0 = leave-one-out), then trains the uploaded autoencoder
+    on all images;
+    ``"auto"`` uses ``"heldout"`` for a user with fewer than ``heldout_below`` images.
     """
 
     epochs: int = 100
@@ -179,8 +188,17 @@ class TrainSpec:
     augment: Mapping[str, Any] | None = None
     num_threads: int = 0
     min_steps: int = 0
+    calibration: str = "train"
+    folds: int = 0
+    heldout_below: int = 200
 
     def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(
+                f"calibration must be one of {list(CALIBRATIONS)}, got {self.calibration!r}"
+            )
+        check_int("folds", self.folds, minimum=0)
+        check_int("heldout_below", self.heldout_below, minimum=0)
         check_int("epochs", self.epochs, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
         check_int("num_threads", self.num_threads, minimum=0)

@@ -16,19 +16,16 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .classifier import Cnn, Mlp2NN, SgdSpec
-from .data import IdxDataset, Partition, adversary_partition, imbalance_partition
-from .features import Deskew, Identity
+from .data import DATASETS, PARTITIONS
+from .features import EXTRACTORS
 from .filter import ScoringConfig
 from .model import AutoencoderSpec, RandomAffine, TrainSpec
 
 Factory = Callable[..., object]
 
 _TABLES: dict[str, dict[str, Factory]] = {
-    "dataset": {"docl_flower.core.data.IdxDataset": IdxDataset},
-    "features": {
-        "docl_flower.core.features.Identity": Identity,
-        "docl_flower.core.features.Deskew": Deskew,
-    },
+    "dataset": dict(DATASETS),
+    "features": dict(EXTRACTORS),
     "model": {
         "docl_flower.core.model.AutoencoderSpec": AutoencoderSpec,
         "docl_flower.core.classifier.Mlp2NN": Mlp2NN,
@@ -49,11 +46,7 @@ _TABLES: dict[str, dict[str, Factory]] = {
         "torch.optim.lr_scheduler.CosineAnnealingLR": torch.optim.lr_scheduler.CosineAnnealingLR,
     },
     "augment": {"docl_flower.core.model.RandomAffine": RandomAffine},
-    "partition": {
-        "docl_flower.core.data.Partition": Partition,
-        "docl_flower.core.data.adversary_partition": adversary_partition,
-        "docl_flower.core.data.imbalance_partition": imbalance_partition,
-    },
+    "partition": dict(PARTITIONS),
     "scoring": {"docl_flower.core.filter.ScoringConfig": ScoringConfig},
     "simulation": {},
     "strategy": {},

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from numpy.typing import NDArray
 
+from ..core.calibration import train_and_calibrate
 from ..core.classifier import SgdSpec
 from ..core.classifier import train_classifier as sgd_train
 from ..core.config import ClientSpec
@@ -24,10 +25,7 @@ from ..core.logs import setup_logging
 from ..core.model import (
     AutoencoderSpec,
     TrainSpec,
-    error_stats,
-    reconstruction_errors,
     state_to_numpy,
-    train_autoencoder,
 )
 from . import keys
 
@@ -104,7 +102,7 @@ def train_docl(
             raise ValueError(f"user {user} holds no training image of class {c}")
         x = features(images[idx])
         log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
-        model, report = train_autoencoder(
+        fit = train_and_calibrate(
             x,
             model_spec,
             train_spec,
@@ -112,9 +110,17 @@ def train_docl(
             device,
             on_epoch=_progress(user, c, train_spec.epochs_for(len(idx))),
         )
-        mu, sd = error_stats(reconstruction_errors(model, x))
-        log.info("user %d class %d: mu %.3f sigma %.3f, %.1fs", user, c, mu, sd, report.seconds)
-        for name, value in state_to_numpy(model).items():
+        mu, sd = fit.err_mean, fit.err_std
+        log.info(
+            "user %d class %d: mu %.3f sigma %.3f (%s errors), %.1fs",
+            user,
+            c,
+            mu,
+            sd,
+            fit.method,
+            fit.report.seconds,
+        )
+        for name, value in state_to_numpy(fit.model).items():
             arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
         means.append(mu)
         stds.append(sd)

@@ -175,10 +175,11 @@ def _load(
     if not isinstance(features, FeatureExtractor):
         raise FilterError(f"{folder}: not a feature extractor")
     try:
+        guard_cfg = config.get("guard", {})
+        guard_cfg = guard_cfg if isinstance(guard_cfg, dict) else {}
         if alpha is None:
-            guard_cfg = config.get("guard", {})
-            alpha = float(guard_cfg.get("alpha", 1.5) if isinstance(guard_cfg, dict) else 1.5)
-        guard = GUARDS[guard_name](alpha)
+            alpha = float(guard_cfg.get("alpha", 1.5))
+        guard = GUARDS[guard_name](alpha, str(guard_cfg.get("sided", "two")))
     except (TypeError, ValueError) as err:
         raise FilterError(f"{folder}: the filter's guard {_one_line(err)}") from err
     return regs, features, guard, alpha
