@@ -13,8 +13,8 @@ start each `flower-supernode` with its private key and
 `--node-config "user-id=U partition-id=U data-dir=..."`; write the resolved experiment (with
 `strategy.bindings_path`, so a node may only register its own user) and run it with `flwr run`
 against the named connection; print the results table.
-Every process it started is stopped when it ends, also on failure. `--insecure` (no TLS, no
-authentication) exists only for debugging.
+Every process it started is stopped when it ends, also on failure and on SIGINT/SIGTERM (exit
+status 130/143). `--insecure` (no TLS, no authentication) exists only for debugging.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from docl_flower.core.config import PROJECT_ROOT, build_experiment
 from docl_flower.core.results import RESULTS_FILE, read_results, write_results
 from docl_flower.operations.deploy import LocalDeployment
 from docl_flower.operations.main import format_table
+from docl_flower.operations.processes import exit_on_signals
 
 
 def main() -> None:
+    """Parse the command line and run the demo; SIGINT/SIGTERM stop every process."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -41,6 +43,12 @@ def main() -> None:
     parser.add_argument("--insecure", action="store_true", help="no TLS, no node auth (debug)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the experiment")
     args = parser.parse_args()
+    with exit_on_signals():
+        run_demo(args)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """Start the deployment, run the experiment on it, print the results; stop it all."""
     start_time = time.time()
     with LocalDeployment(args.out, secure=not args.insecure) as dep:
         # All SuperNodes share this machine's cores: one torch thread each unless overridden.

@@ -2,8 +2,8 @@
 
 Used by ``scripts/deploy_demo.py`` (``make deploy-demo``) and by the fault tests. No Flower
 import: every component is the installed Flower executable (``flower-superlink``,
-``flower-supernode``, ``flwr``), started as its own process group so that it can be killed
-and restarted like a real device or server.
+``flower-supernode``, ``flwr``), started in its own session so that it can be killed and
+restarted like a real device or server; stopping one stops every process it spawned.
 
 Security is on unless ``secure=False``: a private CA and a server certificate for the
 SuperLink (TLS), one EC key pair per SuperNode registered with ``flwr supernode register``
@@ -28,9 +28,9 @@ from .processes import (
     flwr_env,
     free_port,
     run_status,
-    signal_group,
     start_process,
-    stop_group,
+    stop_tree,
+    stop_trees,
     stream_flwr_run,
     wait_for_port,
     write_connection,
@@ -127,8 +127,8 @@ class LocalDeployment:
         write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.port}", self.ca)
 
     def kill_superlink(self) -> None:
-        """SIGKILL the SuperLink's process group (the ServerApp of a running run dies too)."""
-        stop_group(self.superlink, signal.SIGKILL)
+        """SIGKILL the SuperLink and every process it spawned (a running ServerApp dies too)."""
+        stop_tree(self.superlink, signal.SIGKILL)
 
     def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run one ``flwr`` CLI command against this deployment."""
@@ -214,7 +214,7 @@ class LocalDeployment:
 
     def kill_node(self, user: int) -> None:
         """SIGKILL the SuperNode of ``user`` and its ClientApp (a device that dies)."""
-        stop_group(self.nodes[user].proc, signal.SIGKILL)
+        stop_tree(self.nodes[user].proc, signal.SIGKILL)
 
     def bindings(self) -> dict[int, int]:
         """Node id -> user id of every registered SuperNode key."""
@@ -260,13 +260,12 @@ class LocalDeployment:
         except FlowerRunError as err:
             raise DeploymentError(str(err)) from err
 
-    def close(self) -> None:
-        """Stop every process this deployment started (SIGTERM, then SIGKILL)."""
-        for proc in reversed(self._procs):
-            if proc.poll() is None:
-                signal_group(proc, signal.SIGTERM)
-        for proc in self._procs:
-            stop_group(proc, signal.SIGTERM)
+    def close(self, grace_s: float = 15.0) -> None:
+        """Stop every process this deployment started and all they spawned, all together.
+
+        SIGTERM, up to ``grace_s`` to exit, then SIGKILL. Idempotent.
+        """
+        stop_trees(reversed(self._procs), signal.SIGTERM, grace_s)
 
     def __enter__(self) -> LocalDeployment:
         return self

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..core.config import PROJECT_ROOT, build_experiment
 from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
 from ..federation import keys, workflows  # noqa: F401  (registers the workflows)
+from .processes import exit_on_signals
 from .simulation import FlowerRunError, run_app
 
 log = logging.getLogger(__name__)
@@ -91,19 +92,26 @@ def hydra_main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     try:
         results = run_experiment(cfg, out_dir)
-    except (FlowerRunError, ValueError) as err:
+    except FlowerRunError as err:
         log.error("run failed: %s", err)
         raise SystemExit(f"docl-flower: {err}") from err
+    except ValueError as err:  # a bad config (found before Flower starts): one line
+        raise SystemExit("docl-flower: " + " ".join(str(err).split())) from None
     print(format_table(results))
     print(f"results: {out_dir / RESULTS_FILE}")
     return results.overall_accuracy
 
 
 def cli() -> None:
-    """Console script ``docl-flower``: Hydra overrides, or ``filter check`` (a saved filter)."""
-    if sys.argv[1:3] == ["filter", "check"]:
-        from .check import main as check_main
+    """Console script ``docl-flower``: Hydra overrides, or ``filter check`` (a saved filter).
 
-        sys.exit(check_main(sys.argv[3:]))
-    hydra_main()
+    SIGINT and SIGTERM stop every process the command started (SuperLink, ``flwr run``, the
+    simulation, Ray) and exit with status 128 + the signal's number (130, 143).
+    """
+    with exit_on_signals():
+        if sys.argv[1:3] == ["filter", "check"]:
+            from .check import main as check_main
+
+            sys.exit(check_main(sys.argv[3:]))
+        hydra_main()
     sys.exit(0)

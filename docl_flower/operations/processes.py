@@ -1,14 +1,28 @@
 """Process plumbing shared by simulations and deployments, written once.
 
 Starting a Flower executable in its own process group, waiting for its port, stopping the
-whole group, writing ``$FLWR_HOME/config.toml``, streaming ``flwr run`` and reading a run's
-final status (``flwr run --stream`` exits 0 even when the run failed).
+process and everything it spawned, writing ``$FLWR_HOME/config.toml``, streaming ``flwr run``
+and reading a run's final status (``flwr run --stream`` exits 0 even when the run failed).
+
+Stopping is by process *tree*, not by process group: Flower starts ``flower-superexec``,
+``flwr-serverapp`` and ``flwr-simulation`` in new sessions, and Ray daemons may do the same,
+so a group kill leaves them running. Every started process is tracked: a background thread
+records its descendants (PID and start time, read from ``/proc``) while it runs, so that a
+process whose parent died (reparented to init) is still known. :func:`stop_trees` signals
+every recorded process that is still alive, the descendants found at stop time and the
+members of the sessions and groups they lead, waits a grace period, then SIGKILLs the rest.
+
+:func:`exit_on_signals` turns SIGINT and SIGTERM into :class:`SignalExit` (exit code
+128 + signal number) so that ``finally`` blocks and context managers run; critical sections
+(:func:`deferred_signals`, used while starting and stopping processes) postpone the exception
+until they end, and a second signal during the clean-up only hurries it (SIGKILL at once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,14 +32,368 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from types import FrameType
+from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
 
 
 class FlowerRunError(RuntimeError):
     """A Flower process or run did not do what it should; the message says what and where."""
+
+
+# ------------------------------------------------------------------------------------ signals
+#: Signals that :func:`exit_on_signals` turns into a clean exit.
+EXIT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
+
+class SignalExit(SystemExit):
+    """Raised in the main thread when SIGINT/SIGTERM arrives; exit status ``128 + signum``.
+
+    Parameters
+    ----------
+    signum : int
+        The signal that ended the command.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+@dataclass
+class _SignalState:
+    depth: int = 0  # nesting of deferred_signals() in the main thread
+    pending: int | None = None  # a signal that arrived inside deferred_signals()
+    exiting: bool = False  # SignalExit raised: later signals only hurry the clean-up
+
+
+_SIGNALS = _SignalState()
+#: Set by a second signal: stop waiting for grace periods, SIGKILL at once.
+_HURRY = threading.Event()
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    if _SIGNALS.exiting or _SIGNALS.pending is not None:
+        _HURRY.set()
+        log.warning("%s received while stopping: killing the remaining processes now", name)
+        return
+    if _SIGNALS.depth > 0:
+        _SIGNALS.pending = signum
+        return
+    _SIGNALS.exiting = True
+    log.warning("%s received: stopping every process this command started", name)
+    raise SignalExit(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Postpone :class:`SignalExit` until the block ends (main thread; elsewhere a no-op).
+
+    Used around starting a process and registering it, and around stopping processes, so
+    that a signal cannot interrupt them half-way.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    _SIGNALS.depth += 1
+    try:
+        yield
+    finally:
+        _SIGNALS.depth -= 1
+        if _SIGNALS.depth == 0 and _SIGNALS.pending is not None and not _SIGNALS.exiting:
+            signum = _SIGNALS.pending
+            _SIGNALS.exiting = True
+            log.warning(
+                "%s received: stopping every process this command started",
+                signal.Signals(signum).name,
+            )
+            raise SignalExit(signum)
+
+
+@contextlib.contextmanager
+def exit_on_signals(signals: Iterable[int] = EXIT_SIGNALS) -> Iterator[None]:
+    """Turn ``signals`` into :class:`SignalExit`; on the way out stop every tracked process.
+
+    For a command's entry point (main thread only; elsewhere it only stops the processes).
+    The exception unwinds the stack, so ``finally`` blocks and context managers stop what
+    they started; whatever is still tracked afterwards is stopped here. The previous handlers
+    are restored at the end.
+    """
+    previous: dict[int, Any] = {}
+    if _in_main_thread():
+        previous = {sig: signal.signal(sig, _on_signal) for sig in signals}
+    try:
+        yield
+    finally:
+        try:
+            with deferred_signals():
+                stop_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if previous:
+                _SIGNALS.depth, _SIGNALS.pending, _SIGNALS.exiting = 0, None, False
+                _HURRY.clear()
+
+
+# ------------------------------------------------------------------------- process trees
+@dataclass(frozen=True)
+class ProcInfo:
+    """One line of ``/proc/<pid>/stat``: what identifies a process and its family."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    start: int  # clock ticks after boot: with the PID, identifies the process
+    state: str
+
+    @property
+    def dead(self) -> bool:
+        """A zombie (exited, not yet reaped) or a dying process."""
+        return self.state in ("Z", "X", "x")
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    """The ``/proc`` entry of ``pid``, or None when there is no such process (or no /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()  # the command name may hold spaces and ')'
+    try:
+        return ProcInfo(
+            pid, int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]), fields[0]
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process of this machine by PID (empty where there is no ``/proc``)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return {}
+    table = {}
+    for name in names:
+        if name.isdigit() and (info := proc_info(int(name))) is not None:
+            table[info.pid] = info
+    return table
+
+
+@dataclass
+class ProcessTree:
+    """A process started here and every process it spawned that was seen so far.
+
+    Parameters
+    ----------
+    proc : subprocess.Popen
+        The started process (the root of the tree).
+    own_group : bool
+        Whether the root leads its own process group (started with ``start_new_session``).
+    """
+
+    proc: subprocess.Popen[Any]
+    own_group: bool = True
+    #: PID -> start time of every process recorded as part of the tree (dead ones included).
+    members: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.proc.poll() is None and (info := proc_info(self.proc.pid)) is not None:
+            self.members[info.pid] = info.start
+
+    def _is_member(self, table: Mapping[int, ProcInfo], pid: int) -> bool:
+        info = table.get(pid)
+        return info is not None and self.members.get(pid) == info.start
+
+    def refresh(self, table: Mapping[int, ProcInfo]) -> None:
+        """Record the processes of ``table`` that belong to the tree.
+
+        A process belongs when its parent is a live member, or when its group or session is
+        led by a member (a leader that died leaves its PID reserved while the group lives).
+        """
+        me = os.getpid()
+        changed = True
+        while changed:
+            changed = False
+            leaders = {
+                pid
+                for pid, start in self.members.items()
+                if pid not in table or table[pid].start == start
+            }
+            for info in table.values():
+                if info.pid == me or info.dead or self._is_member(table, info.pid):
+                    continue
+                if self._is_member(table, info.ppid) or info.pgid in leaders or info.sid in leaders:
+                    self.members[info.pid] = info.start
+                    changed = True
+        # Forget members gone for good: reaped and leading no group or session, or PID reused.
+        in_use = {info.pgid for info in table.values()} | {info.sid for info in table.values()}
+        for pid, start in list(self.members.items()):
+            if (pid in table and table[pid].start != start) or (
+                pid not in table and pid not in in_use
+            ):
+                del self.members[pid]
+
+    def alive(self, table: Mapping[int, ProcInfo]) -> list[int]:
+        """PIDs of the members that still run (zombies count as gone)."""
+        return [pid for pid in self.members if self._is_member(table, pid) and not table[pid].dead]
+
+    def send(self, sig: int, table: Mapping[int, ProcInfo]) -> None:
+        """Send ``sig`` to every live member (to the root's group where there is no /proc)."""
+        if not table:
+            if self.own_group and self.proc.poll() is None:
+                signal_group(self.proc, sig)
+            return
+        for pid in self.alive(table):
+            _send(pid, self.members[pid], sig)
+
+
+def _send(pid: int, start: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` if it is still the process that started at ``start``."""
+    try:
+        fd = os.pidfd_open(pid)  # pins the process: its PID cannot be reused meanwhile
+    except OSError:
+        fd = None  # gone already, or no pidfd support
+    try:
+        info = proc_info(pid)
+        if info is None or info.start != start:
+            return
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+_TREES: dict[int, ProcessTree] = {}
+_TREES_LOCK = threading.Lock()
+_TRACKER: threading.Thread | None = None
+#: Seconds between two looks at the descendants of the tracked processes.
+TRACK_INTERVAL_S = 1.0
+
+
+def _track_loop() -> None:
+    while True:
+        time.sleep(TRACK_INTERVAL_S)
+        with _TREES_LOCK:
+            if not _TREES:
+                continue
+        table = process_table()
+        with _TREES_LOCK:
+            for tree in _TREES.values():
+                tree.refresh(table)
+
+
+def track(proc: subprocess.Popen[Any], own_group: bool = True) -> ProcessTree:
+    """Record ``proc`` and, from now on, the processes it spawns (until it is stopped)."""
+    global _TRACKER
+    tree = ProcessTree(proc, own_group)
+    with _TREES_LOCK:
+        _TREES[proc.pid] = tree
+        if _TRACKER is None:
+            _TRACKER = threading.Thread(target=_track_loop, name="process-tracker", daemon=True)
+            _TRACKER.start()
+    return tree
+
+
+def _untrack(proc: subprocess.Popen[Any]) -> ProcessTree:
+    with _TREES_LOCK:
+        tree = _TREES.pop(proc.pid, None)
+    return tree if tree is not None and tree.proc is proc else ProcessTree(proc)
+
+
+def _wait_gone(trees: list[ProcessTree], timeout_s: float, sig: int | None = None) -> None:
+    """Wait until no tree has a live member, at most ``timeout_s`` (a second signal: stop)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for tree in trees:
+            tree.proc.poll()  # reap the root as soon as it exits
+        table = process_table()
+        if not table:  # no /proc: the roots are all we can see
+            if all(tree.proc.poll() is not None for tree in trees):
+                return
+        else:
+            for tree in trees:
+                known = set(tree.members)
+                tree.refresh(table)
+                if sig is not None and (new := set(tree.members) - known):
+                    for pid in new:  # spawned during the shutdown: tell them too
+                        _send(pid, tree.members[pid], sig)
+            if not any(tree.alive(table) for tree in trees):
+                return
+        if time.monotonic() > deadline or (sig != signal.SIGKILL and _HURRY.is_set()):
+            return
+        time.sleep(0.2)
+
+
+def stop_trees(
+    procs: Iterable[subprocess.Popen[Any] | None],
+    sig: int = signal.SIGTERM,
+    grace_s: float = 15.0,
+) -> None:
+    """Stop each process and every process it spawned, all of them together.
+
+    Sends ``sig`` to every live member, waits up to ``grace_s`` for them to exit, then
+    SIGKILLs what is left. Idempotent and safe on processes that exited already; signals
+    arriving meanwhile are deferred (a second one skips the grace period).
+    """
+    with deferred_signals():
+        trees = [_untrack(proc) for proc in procs if proc is not None]
+        if not trees:
+            return
+        table = process_table()
+        for tree in trees:
+            tree.refresh(table)
+        if sig != signal.SIGKILL and not _HURRY.is_set():
+            for tree in trees:
+                tree.send(sig, table)
+            _wait_gone(trees, grace_s, sig)
+        table = process_table()
+        for tree in trees:
+            tree.refresh(table)
+            tree.send(signal.SIGKILL, table)
+        _wait_gone(trees, 10.0, signal.SIGKILL)
+        table = process_table()
+        if left := sorted(pid for tree in trees for pid in tree.alive(table)):
+            log.warning("processes still alive after SIGKILL: %s", left)
+        for tree in trees:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                tree.proc.wait(timeout=1.0)
+
+
+def stop_tree(
+    proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, grace_s: float = 15.0
+) -> None:
+    """Stop one process and every process it spawned (see :func:`stop_trees`)."""
+    stop_trees([proc], sig, grace_s)
+
+
+#: Former name of :func:`stop_tree` (it stopped the process group only).
+stop_group = stop_tree
+
+
+def stop_all(grace_s: float = 10.0) -> None:
+    """Stop every process still tracked (started here and not stopped yet)."""
+    with _TREES_LOCK:
+        procs = [tree.proc for tree in _TREES.values()]
+    if procs:
+        log.info("stopping %d process tree(s) still running", len(procs))
+        stop_trees(procs, grace_s=grace_s)
 
 
 def free_port() -> int:
@@ -59,36 +427,26 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
 def start_process(
     cmd: list[str], log_path: Path, env: Mapping[str, str]
 ) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in a new process group, appending its output to ``log_path``."""
-    with log_path.open("ab") as handle:
-        return subprocess.Popen(
+    """Start ``cmd`` in a new session, appending its output to ``log_path``; track it.
+
+    Stop it with :func:`stop_tree` (or :func:`stop_all`), which stops what it spawned too.
+    """
+    with deferred_signals(), log_path.open("ab") as handle:
+        proc = subprocess.Popen(
             cmd,
             env=dict(env),
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        track(proc)
+        return proc
 
 
-def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+def signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
     """Send ``sig`` to the process group of ``proc`` (gone already: nothing to do)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-
-
-def stop_group(
-    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, grace_s: float = 15.0
-) -> None:
-    """Send ``sig`` to the process group, wait, then SIGKILL whatever is left of the group."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        signal_group(proc, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace_s)
-    signal_group(proc, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace_s)
 
 
 def wait_for_port(
@@ -161,18 +519,24 @@ def stream_flwr_run(
 ) -> StreamedRun:
     """Run a ``flwr run ... --stream`` command, copy its output to ``echo`` / ``log_path``.
 
-    Raises :class:`FlowerRunError` when it runs longer than ``timeout_s`` (it is killed).
+    ``flwr run`` runs in its own session and is tracked like every started process: when
+    this function is left by an exception (a signal, say) it is stopped, with whatever it
+    spawned. Raises :class:`FlowerRunError` when it runs longer than ``timeout_s`` (it is
+    killed).
     """
     run_id: int | None = None
     last_error = ""
-    proc = subprocess.Popen(
-        cmd,
-        env=dict(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    )
+    with deferred_signals():
+        proc = subprocess.Popen(
+            cmd,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+        track(proc)
     timed_out = threading.Event()
 
     def kill() -> None:
@@ -182,24 +546,35 @@ def stream_flwr_run(
     watchdog = threading.Timer(timeout_s, kill)
     watchdog.start()
     assert proc.stdout is not None
+    streamed = False
     try:
         with contextlib.ExitStack() as stack:
-            log = stack.enter_context(log_path.open("a", encoding="utf-8")) if log_path else None
+            log_file = (
+                stack.enter_context(log_path.open("a", encoding="utf-8")) if log_path else None
+            )
             for line in proc.stdout:
                 if echo is not None:
                     echo.write(line)
                     echo.flush()
-                if log is not None:
-                    log.write(line)
+                if log_file is not None:
+                    log_file.write(line)
                 if match := _ERROR_LINE.match(line.rstrip()):
                     last_error = f"{match.group(1)}: {match.group(3)}"
                 if run_id is None and (found := _STARTED.search(line)):
                     run_id = int(found.group(1))
+        streamed = True
     finally:
         watchdog.cancel()
-        if proc.poll() is None and timed_out.is_set():
-            proc.kill()
-        returncode = proc.wait()
+        try:
+            if streamed:  # end of its output: it exits by itself
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=60.0)
+        finally:
+            try:
+                stop_tree(proc, grace_s=5.0)  # left by an exception: stop it (else: a no-op)
+            finally:
+                proc.stdout.close()
+    returncode = proc.wait()
     if timed_out.is_set():
         raise FlowerRunError(f"flwr run did not finish in {timeout_s:.0f}s")
     return StreamedRun(returncode, run_id, last_error)

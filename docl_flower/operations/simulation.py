@@ -1,7 +1,10 @@
 """Launch a Flower simulation through ``flwr run`` with a project-local FLWR_HOME.
 
 The command starts its own simulation SuperLink on a free loopback port, runs the app, reads
-the run's final status, and always stops the SuperLink it started (also on SIGINT/SIGTERM).
+the run's final status, and always stops the SuperLink it started and every process below it
+(SuperExec, the simulation process, Ray's daemons and workers). Signals: the entry point runs
+inside :func:`~.processes.exit_on_signals`, which turns SIGINT/SIGTERM into an exception so
+that the ``finally`` blocks here run.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .processes import (
     free_port,
     run_status,
     start_process,
-    stop_group,
+    stop_tree,
     stream_flwr_run,
     wait_for_port,
     write_connection,
@@ -44,8 +47,8 @@ class LocalSuperLink:
     log_path: Path
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Stop the SuperLink and everything it spawned (its process group)."""
-        stop_group(self.process, grace_s=grace_s)
+        """Stop the SuperLink and everything it spawned (SuperExec, simulation, Ray, ...)."""
+        stop_tree(self.process, grace_s=grace_s)
 
 
 @contextmanager

@@ -1,0 +1,270 @@
+"""SIGTERM / SIGINT stop every process that `docl-flower` and the deploy demo started.
+
+Each case starts the real command in its own session, waits until a ClientApp trains,
+records every descendant of the command (PID and start time, from /proc), signals the command
+only, and checks its exit status and that none of the recorded processes (nor any process
+naming the run's folder or the SuperLink's address) is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc"),
+]
+
+BIN = Path(sys.executable).parent
+CLI = str(BIN / "docl-flower")
+DEMO = str(Path(__file__).resolve().parent.parent / "scripts" / "deploy_demo.py")
+#: A long training: the run is still busy when the signal comes.
+LONG_TRAINING = ["train.epochs=2000", "train.batch_size=16"]
+
+
+# ------------------------------------------------------------------------------ /proc helpers
+def _stat(pid: int) -> tuple[int, int, str] | None:
+    """``(ppid, start time, state)`` of ``pid``, or None when it does not exist."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    return int(fields[1]), int(fields[19]), fields[0]
+
+
+def _table() -> dict[int, tuple[int, int, str]]:
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (info := _stat(int(name))) is not None:
+            table[int(name)] = info
+    return table
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode("utf-8", "replace")
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """PID -> start time of every live descendant of ``root``."""
+    table = _table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[int, int] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = table[pid][1]
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process that started at ``start`` still runs (a zombie has ended)."""
+    info = _stat(pid)
+    return info is not None and info[1] == start and info[2] not in ("Z", "X")
+
+
+def _naming(*needles: str) -> dict[int, str]:
+    """Live processes other than this one whose command line contains one of ``needles``."""
+    found = {}
+    for pid, (_, _, state) in _table().items():
+        if pid != os.getpid() and state not in ("Z", "X"):
+            cmd = _cmdline(pid)
+            if any(needle in cmd for needle in needles):
+                found[pid] = cmd
+    return found
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            pytest.fail(f"timed out waiting for {what}; output:\n{tail}")
+        time.sleep(0.5)
+
+
+def _kill_leftovers(proc: subprocess.Popen[bytes], seen: dict[int, int]) -> None:
+    """Clean up after a failed case: the command's session, then every recorded process."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid, start in seen.items():
+        if _alive(pid, start):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def _signal_mid_run(
+    cmd: list[str],
+    tmp_path: Path,
+    started: Callable[[Path], bool],
+    signals: list[signal.Signals],
+) -> tuple[int, float, list[str], dict[int, str]]:
+    """Start ``cmd``, wait for ``started``, send ``signals`` to it (1 s apart).
+
+    Returns the exit status, the seconds from the first signal to the exit, the command lines
+    of the processes it had started, and the processes left: those it had started and those
+    naming ``tmp_path`` or the SuperLink's address.
+    """
+    log = tmp_path / "command.log"
+    env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONUNBUFFERED": "1"}
+    seen: dict[int, int] = {}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        _wait(lambda: started(log) or proc.poll() is not None, 150, "training to start", log)
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        for _ in range(3):  # the process tree, as complete as it gets
+            seen.update(_descendants(proc.pid))
+            time.sleep(0.5)
+        commands = [_cmdline(pid) for pid in seen]
+        assert any("flower-superlink" in c for c in commands), commands
+        port = next(c.split("--port ")[1].split()[0] for c in commands if "flower-superlink" in c)
+        begin = time.monotonic()
+        for number, sig in enumerate(signals):
+            if number:
+                time.sleep(1.0)
+            proc.send_signal(sig)
+        returncode = proc.wait(timeout=90)
+        elapsed = time.monotonic() - begin
+        left = _naming(str(tmp_path), f"127.0.0.1:{port}")
+        left.update({pid: _cmdline(pid) for pid, start in seen.items() if _alive(pid, start)})
+        return returncode, elapsed, commands, left
+    finally:
+        _kill_leftovers(proc, seen)
+
+
+#: A process tree that escapes its process group: a session of its own (as flower-superexec),
+#: an orphan left in the session, and an orphan in a session of its own; the root exits.
+TREE = """
+sh -c 'tail -f "$1" &' sh "$1"
+setsid sh -c 'tail -f "$1" & wait' sh "$1" &
+sleep 3
+"""
+
+#: A command that starts TREE like the Flower executables are started, then waits.
+COMMAND = """
+import os, sys, time
+from pathlib import Path
+from docl_flower.operations.processes import exit_on_signals, start_process
+out = Path(sys.argv[2])
+with exit_on_signals():
+    cmd = ["sh", "-c", sys.argv[1], "sh", str(out / "marker")]
+    start_process(cmd, out / "tree.log", os.environ)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_stops_processes_that_left_the_group_and_were_orphaned(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Prepare
+    (tmp_path / "marker").touch()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", COMMAND, TREE, str(tmp_path)], start_new_session=True
+    )
+    marker = str(tmp_path / "marker")
+
+    def tails() -> set[int]:
+        return {pid for pid, cmd in _naming(marker).items() if cmd.startswith("tail")}
+
+    try:
+        _wait(lambda: len(tails()) == 2, 30, "the tree", tmp_path / "tree.log")
+        time.sleep(4.0)  # the root has exited: the tails are orphans, reparented to init
+        assert len(tails()) == 2 and not tails() & set(_descendants(proc.pid))
+        # Execute
+        proc.send_signal(sig)
+        returncode = proc.wait(timeout=30)
+        # Assert
+        assert returncode == 128 + sig
+        assert _naming(str(tmp_path)) == {}
+    finally:
+        _kill_leftovers(proc, {})
+        for pid in _naming(str(tmp_path)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _simulation_training(log: Path) -> bool:
+    return "training class" in log.read_text(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [[signal.SIGTERM], [signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]],
+    ids=["sigterm", "sigint", "sigterm-twice"],
+)
+def test_a_signal_stops_every_process_of_a_simulation(
+    tiny_root: Path, tmp_path: Path, signals: list[signal.Signals]
+) -> None:
+    # Execute
+    cmd = [
+        CLI,
+        "num_users=3",
+        *LONG_TRAINING,
+        f"data_root={tiny_root}",
+        "dataset.verify=false",
+        "dataset.harmless.verify=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    returncode, elapsed, commands, left = _signal_mid_run(
+        cmd, tmp_path, _simulation_training, signals
+    )
+    # Assert: the whole tree was seen (SuperLink, SuperExec, simulation, Ray, ClientApps).
+    assert any("flwr-simulation" in c for c in commands), commands
+    assert any("raylet" in c for c in commands), commands
+    assert any("ClientAppActor" in c for c in commands), commands
+    assert returncode == 128 + signals[0], returncode
+    assert left == {}, left
+    assert elapsed < 60
+
+
+def test_sigterm_stops_every_process_of_the_deploy_demo(tiny_root: Path, tmp_path: Path) -> None:
+    # Execute
+    out = tmp_path / "deploy"
+    cmd = [
+        sys.executable,
+        DEMO,
+        "--users",
+        "2",
+        "--out",
+        str(out),
+        f"data_root={tiny_root}",
+        "dataset.verify=false",
+        "dataset.harmless.verify=false",
+        *LONG_TRAINING,
+    ]
+
+    def training(_log: Path) -> bool:
+        logs = [out / f"supernode-{user}.log" for user in (0, 1)]
+        return any(
+            log.exists() and "training class" in log.read_text(errors="replace") for log in logs
+        )
+
+    returncode, elapsed, commands, left = _signal_mid_run(cmd, tmp_path, training, [signal.SIGTERM])
+    # Assert
+    assert any("flwr-clientapp" in c for c in commands), commands
+    assert sum("flower-supernode" in c for c in commands) == 2
+    assert returncode == 128 + signal.SIGTERM
+    assert left == {}, left
+    assert elapsed < 60
