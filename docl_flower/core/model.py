@@ -189,8 +189,8 @@ class TrainSpec:
     num_threads: int = 0
     min_steps: int = 0
     calibration: str = "train"
-    folds: int = 0
-    heldout_below: int = 200
+    folds: int = 5
+    heldout_below: int = 50
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
