@@ -91,7 +91,7 @@ BAD_VALUES = [
     (["strategy=fedavg", "train.batch_size=2.5"], "train.batch_size"),
     (["strategy=fedavg", "model.hidden=0"], "model.hidden"),
     (["strategy=fedavg", "model.num_classes=5"], "model.num_classes"),
-    (["strategy=fedavg", "model=cnn", "model.image_size=2"], "model.image_size"),
+    (["strategy=fedavg", "model=cnn", "model.image_shape=[2,2]"], "model.image_shape"),
     (["strategy=fedavg", "model=cnn", "model.num_classes=abc"], "model.num_classes"),
     (["model=mlp2nn"], "model"),
     (["train=sgd"], "train"),

@@ -1,12 +1,14 @@
 """Multi-class classifiers for the FedAvg baselines (McMahan et al. 2017): 2NN and CNN (no Flower).
 
-Both take the same ``(n, 784)`` features as the autoencoders (reshaped to 28x28 for the CNN)
-and are trained with SGD; ``proximal_mu > 0`` adds FedProx's proximal term.
+Both take the same ``(n, D)`` features as the autoencoders (reshaped to the data set's image
+shape for the CNN) and are trained with SGD; ``proximal_mu > 0`` adds FedProx's proximal term.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,37 +40,63 @@ class Mlp2NN:
         )
 
 
+class _ImageLayout(nn.Module):
+    """``(N, H*W*C)`` rows (images flattened row-major from ``(H, W, C)``) to ``(N, C, H, W)``."""
+
+    def __init__(self, height: int, width: int, channels: int) -> None:
+        super().__init__()
+        self.height, self.width, self.channels = height, width, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reshape and move the channels first."""
+        return x.reshape(x.shape[0], self.height, self.width, self.channels).permute(0, 3, 1, 2)
+
+
 @dataclass(frozen=True)
 class Cnn:
     """The CNN of McMahan et al.: two 5x5 conv layers with 2x2 max pooling, dense 512, softmax.
 
-    The conv layers have 32 and 64 channels.
+    The conv layers have 32 and 64 channels. ``image_shape`` is the data set's: ``(H, W)`` for
+    grey or ``(H, W, C)``; features are images flattened row-major from that shape.
     """
 
     num_classes: int = 10
-    image_size: int = 28
+    image_shape: Sequence[int] = (28, 28)
 
     def __post_init__(self) -> None:
         check_int("num_classes", self.num_classes, minimum=2)
-        check_int("image_size", self.image_size, minimum=4)  # two 2x2 poolings
+        shape = self.image_shape
+        if (
+            isinstance(shape, str | bytes)
+            or not isinstance(shape, Sequence)
+            or len(shape) not in (2, 3)
+        ):
+            raise ValueError(f"image_shape must be [H, W] or [H, W, C], got {shape!r}")
+        dims = tuple(
+            check_int("image_shape", d, minimum=1 if i == 2 else 4)  # two 2x2 poolings
+            for i, d in enumerate(shape)
+        )
+        object.__setattr__(self, "image_shape", dims)
 
     def build(self, dim: int) -> nn.Module:
-        """A fresh, untrained module; ``dim`` must be ``image_size ** 2``."""
-        if dim != self.image_size**2:
+        """A fresh, untrained module; ``dim`` must be the product of ``image_shape``."""
+        if dim != math.prod(self.image_shape):
             raise ValueError(
-                f"the CNN needs {self.image_size}x{self.image_size} inputs, got D={dim}"
+                f"the CNN needs inputs of shape {list(self.image_shape)} "
+                f"(D={math.prod(self.image_shape)}), got D={dim}"
             )
-        side = self.image_size // 4
+        height, width = self.image_shape[0], self.image_shape[1]
+        channels = self.image_shape[2] if len(self.image_shape) == 3 else 1
         return nn.Sequential(
-            nn.Unflatten(1, (1, self.image_size, self.image_size)),
-            nn.Conv2d(1, 32, 5, padding=2),
+            _ImageLayout(height, width, channels),
+            nn.Conv2d(channels, 32, 5, padding=2),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 5, padding=2),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * side * side, 512),
+            nn.Linear(64 * (height // 4) * (width // 4), 512),
             nn.ReLU(),
             nn.Linear(512, self.num_classes),
         )

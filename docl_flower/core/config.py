@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .classifier import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
-from .data import IdxDataset, Partition, class_indices, user_class_indices
+from .data import ImageDataset, Partition, as_image_dataset, class_indices, user_class_indices
 from .features import FeatureExtractor
 from .filter import GUARDS, SIDES, Guard, ScoringConfig, make_guard
 from .install import PACKAGE_ROOT, project_root
@@ -42,6 +42,10 @@ from .registry import build, factory, register
 ModelSpec = AutoencoderSpec | ClassifierSpec
 #: What the ``train`` group builds: DOCL's recipe or the baselines' SGD.
 TrainRecipe = TrainSpec | SgdSpec
+
+
+#: ``dataset.harmless`` value: the photos of the classes (people) no user registered.
+UNREGISTERED = "unregistered"
 
 
 @runtime_checkable
@@ -203,7 +207,7 @@ class ClientSpec:
         """The training recipe as a typed object."""
         return _as_train(_spec("train", self.train))
 
-    def dataset_obj(self, root: str | None = None) -> IdxDataset:
+    def dataset_obj(self, root: str | None = None) -> ImageDataset:
         """The training data set, optionally read from a node-local folder."""
         cfg = dict(self.dataset)
         if root is not None:
@@ -257,10 +261,8 @@ def _as_train(value: object) -> TrainRecipe:
     raise _wrong("train", value)
 
 
-def _as_dataset(value: object) -> IdxDataset:
-    if isinstance(value, IdxDataset):
-        return value
-    raise _wrong("dataset", value)
+def _as_dataset(value: object) -> ImageDataset:
+    return as_image_dataset(value)
 
 
 def _as_features(value: object) -> FeatureExtractor:
@@ -296,8 +298,9 @@ class Experiment:
 
     seed: int
     num_classes: int
-    dataset: IdxDataset
-    harmless: IdxDataset | None
+    dataset: ImageDataset
+    #: Harmless images: another data set's test split, or None.
+    harmless: ImageDataset | None
     features: FeatureExtractor
     partition: Partition
     model: ModelSpec
@@ -310,6 +313,8 @@ class Experiment:
     workflow: WorkflowSpec
     #: The resolved config as plain data (saved with the filter and the results).
     config: dict[str, object]
+    #: Harmless images are the photos of the classes no user owns (``harmless: unregistered``).
+    harmless_unregistered: bool = False
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:
@@ -463,14 +468,21 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
     container = _container(cfg)
     seed = _check_top_level(container)
     dataset_node = _container(container["dataset"])
-    dataset_cfg = {k: v for k, v in dataset_node.items() if k not in ("num_classes", "harmless")}
+    dataset_cfg = {
+        k: v for k, v in dataset_node.items() if k not in ("num_classes", "harmless", "image_shape")
+    }
     with _config_key("dataset", ["num_classes"]):
         num_classes = check_int("num_classes", dataset_node.get("num_classes"), minimum=1)
     harmless_cfg = dataset_node.get("harmless")
     dataset = _as_dataset(_spec("dataset", dataset_cfg))
-    harmless = (
-        _as_dataset(_spec("dataset", harmless_cfg, "dataset.harmless")) if harmless_cfg else None
-    )
+    harmless = None
+    if isinstance(harmless_cfg, Mapping):
+        harmless = _as_dataset(_spec("dataset", harmless_cfg, "dataset.harmless"))
+    elif harmless_cfg not in (None, UNREGISTERED):
+        raise ValueError(
+            f"dataset.harmless must be a data set config, {UNREGISTERED!r} or null, "
+            f"got {harmless_cfg!r}"
+        )
     partition = _as_partition(_spec("partition", container["partition"]))
     with _config_key("partition", [f.name for f in dataclasses.fields(Partition)]):
         assignment = partition.assignment(num_classes)
@@ -510,6 +522,7 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
         assignment=assignment,
         workflow=workflow,
         config={str(k): v for k, v in container.items()},
+        harmless_unregistered=harmless_cfg == UNREGISTERED,
     )
 
 

@@ -1,25 +1,45 @@
-"""Data sets as uint8 arrays, checked by SHA-256, and the per-user partitions of the paper.
+"""Image data sets as uint8 arrays, checked by SHA-256, and the per-user partitions of the paper.
+
+Every data set implements :class:`ImageDataset`: ``load(split)`` returns ``(images, labels)``,
+``image_shape`` is the shape of one image and ``fingerprint()`` is a content hash of what
+``load`` returns for both splits (a feature-cache key). The data sets are
+
+- :class:`IdxDataset`: MNIST and Fashion-MNIST (gzip IDX archives);
+- :class:`ImageFolderDataset`: one folder per class or identity, any image PIL reads (the ORL
+  faces of ``data/att-faces`` among them), or one folder of unlabelled images;
+- :class:`Cifar10Dataset`: CIFAR-10's python archive, read from the tar without extracting it.
 
 No Flower here: everything is plain numpy so that the core is testable without a simulation.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
+import io
+import json
 import logging
+import math
+import os
+import pickle
+import re
 import shutil
+import tarfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "test"]
+SPLITS: tuple[Split, ...] = ("train", "test")
 
 #: File names of the standard IDX archives, per split.
 IDX_FILES: dict[Split, tuple[str, str]] = {
@@ -27,7 +47,7 @@ IDX_FILES: dict[Split, tuple[str, str]] = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 
-#: SHA-256 of the published archives (the same files torchvision downloads).
+#: SHA-256 of the gzip archives shipped in ``data/`` (and installed by Debian's packages).
 KNOWN_SHA256: dict[str, dict[str, str]] = {
     "mnist": {
         "t10k-images-idx3-ubyte.gz": "1a1a05eab793c14bb050b398624a11b0ffd1a2953baed553b1b9bd079e2a20be",
@@ -43,23 +63,157 @@ KNOWN_SHA256: dict[str, dict[str, str]] = {
     },
 }
 
+#: SHA-256 of the *decompressed* IDX files. The same data compressed differently (the
+#: publishers' archives, which torchvision downloads, differ byte-wise from the copies above)
+#: passes the check when its contents match these.
+KNOWN_CONTENT_SHA256: dict[str, dict[str, str]] = {
+    "mnist": {
+        "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    },
+    "fashion-mnist": {
+        "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    },
+}
+
+#: Debian packages that install a data set's IDX archives, and where.
+DEBIAN_PACKAGES: dict[str, tuple[str, str]] = {
+    "fashion-mnist": ("dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist"),
+}
+
+#: SHA-256 of the official ``cifar-10-python.tar.gz`` (md5 c58f30108f718f92721af3b95e74349a,
+#: the value torchvision checks; this SHA-256 is the one Keras's ``cifar10.load_data`` checks).
+CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+
+#: The pickle batches of CIFAR-10's python archive, per split.
+CIFAR10_BATCHES: dict[Split, tuple[str, ...]] = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
+}
+
+#: Bump when a loader's decoding changes, so that fingerprints (cache keys) change with it.
+LOADER_VERSION = 1
+
 
 class DataError(RuntimeError):
     """A data file is missing, corrupt, or cannot be downloaded."""
 
 
-def _sha256(path: Path) -> str:
+class ImageDataset(Protocol):
+    """What every data set offers: its images, their shape, and a content fingerprint."""
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one image: ``(H, W)`` for grey, ``(H, W, C)`` for colour."""
+        ...
+
+    def load(self, split: Split) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+        """Return ``(images (n, *image_shape) uint8, labels (n,) int64)`` of one split."""
+        ...
+
+    def fingerprint(self) -> str:
+        """A hex digest that changes whenever what :meth:`load` returns (either split) changes."""
+        ...
+
+
+# ---------------------------------------------------------------------------- hashing
+
+
+#: Per-process cache of content hashes, keyed by the file's identity and modification stamp.
+_HASH_CACHE: dict[tuple[str, str, int, int, int, int], str] = {}
+
+
+def _stat_key(kind: str, path: Path) -> tuple[str, str, int, int, int, int]:
+    st = path.stat()
+    return (kind, str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _digest_stream(handle: io.BufferedIOBase | gzip.GzipFile) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, cached per process until the file changes (size, mtime)."""
+    key = _stat_key("file", path)
+    cached = _HASH_CACHE.get(key)
+    if cached is None:
+        with path.open("rb") as handle:
+            cached = _HASH_CACHE[key] = _digest_stream(handle)
+    return cached
+
+
+def gzip_content_sha256(path: Path) -> str:
+    """SHA-256 of a gzip file's decompressed bytes (cached like :func:`file_sha256`)."""
+    key = _stat_key("gzip", path)
+    cached = _HASH_CACHE.get(key)
+    if cached is None:
+        try:
+            with gzip.open(path, "rb") as handle:
+                cached = _digest_stream(handle)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{path} is not a readable gzip file ({err})") from err
+        _HASH_CACHE[key] = cached
+    return cached
+
+
+def _digest(obj: object) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_sha256_text(name: str, value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"{name} must be a SHA-256 (64 hex digits), got {value!r}")
+    return value.lower()
+
+
+def _check_split(split: object) -> Split:
+    if split == "train":
+        return "train"
+    if split == "test":
+        return "test"
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_path_text(name: str, value: object) -> str:
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise ValueError(f"{name} must be a folder path, got {value!r}")
+    return str(value)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------- IDX (MNIST)
 
 
 def _read_idx(path: Path) -> NDArray[np.uint8]:
     """Parse a gzip-compressed IDX file (images: 3 dims, labels: 1 dim)."""
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is not a readable gzip file ({err})") from err
+    if len(raw) < 4 or raw[2] != 8:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -68,7 +222,36 @@ def _read_idx(path: Path) -> NDArray[np.uint8]:
     return data.reshape(dims)
 
 
-def _download(name: str, root: Path, filename: str) -> None:
+def _idx_dims(path: Path) -> tuple[int, ...]:
+    """The dimensions an IDX file's header declares (reads a few bytes only)."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) < 4 or head[2] != 8:
+                raise DataError(f"{path}: not an IDX file of unsigned bytes")
+            body = handle.read(4 * head[3])
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is not a readable gzip file ({err})") from err
+    return tuple(int.from_bytes(body[4 * i : 4 * i + 4], "big") for i in range(head[3]))
+
+
+def _idx_missing_message(name: str, filename: str, folders: Sequence[Path], root: Path) -> str:
+    where = ", ".join(str(f) for f in folders)
+    debian = DEBIAN_PACKAGES.get(name)
+    local = (
+        f"install Debian's {debian[0]} package (it puts the archives in {debian[1]}) or copy "
+        f"the standard IDX archive {filename} into {root}"
+        if debian is not None
+        else f"copy the standard IDX archive {filename} into {root} (the repository ships "
+        "MNIST in data/)"
+    )
+    return (
+        f"{name}: {filename} is not in {where}. Either {local}, or set download: true and run "
+        "once with a network (torchvision downloads it)"
+    )
+
+
+def _download(name: str, root: Path, filename: str, folders: Sequence[Path] = ()) -> None:
     """Fetch a missing archive through torchvision (needs a network)."""
     from torchvision import datasets  # local import: only needed on this rare path
 
@@ -80,9 +263,8 @@ def _download(name: str, root: Path, filename: str) -> None:
         cls(str(tmp), train=filename.startswith("train"), download=True)
     except Exception as err:
         raise DataError(
-            f"{root / filename} is missing and could not be downloaded ({err}). "
-            f"Copy the standard IDX archive {filename} into {root} (the repository ships "
-            "them in data/), or run once with a network."
+            f"{_idx_missing_message(name, filename, folders or [root], root)}; "
+            f"the download failed ({err})"
         ) from err
     found = next(tmp.rglob(filename), None)
     if found is None:
@@ -93,53 +275,561 @@ def _download(name: str, root: Path, filename: str) -> None:
 
 @dataclass(frozen=True)
 class IdxDataset:
-    """An MNIST-style data set of 28x28 grey images stored as gzip IDX archives.
+    """An MNIST-style data set of grey images stored as gzip IDX archives (28x28 for MNIST).
 
     Parameters
     ----------
     name : str
         ``"mnist"`` or ``"fashion-mnist"``; selects the known checksums.
     root : str
-        Folder that holds the archives.
+        Folder that holds the archives (a download goes here).
     verify : bool
-        Check each archive's SHA-256 before parsing it.
+        Check each archive's SHA-256 before parsing it: the archive's own or, for a copy
+        compressed differently, that of its decompressed contents.
     download : bool
         Download a missing archive through torchvision when a network is up.
+    search : sequence of str
+        More folders to look in, in order, for an archive that ``root`` lacks (e.g. where a
+        system package installs it).
     """
 
     name: str
     root: str
     verify: bool = True
     download: bool = True
+    search: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a data set name, got {self.name!r}")
+        _check_path_text("root", self.root)
+        _check_flag("verify", self.verify)
+        _check_flag("download", self.download)
+        if isinstance(self.search, str) or not isinstance(self.search, Sequence):
+            raise ValueError(f"search must be a list of folders, got {self.search!r}")
+        folders = tuple(_check_path_text("search", s) for s in self.search)
+        object.__setattr__(self, "search", folders)
+
+    def _folders(self) -> list[Path]:
+        return [Path(f).expanduser() for f in (self.root, *self.search)]
+
+    def _find(self, filename: str) -> Path | None:
+        return next((f / filename for f in self._folders() if (f / filename).is_file()), None)
+
+    def _check(self, path: Path, filename: str) -> None:
+        expected = KNOWN_SHA256.get(self.name, {}).get(filename)
+        if not self.verify or expected is None or file_sha256(path) == expected:
+            return
+        content = KNOWN_CONTENT_SHA256.get(self.name, {}).get(filename)
+        if content is not None and gzip_content_sha256(path) == content:
+            return
+        raise DataError(
+            f"{path} fails its SHA-256 check (expected {expected}, or decompressed contents "
+            f"{content}); delete it and copy or download it again"
+        )
 
     def path(self, filename: str) -> Path:
         """Return the path of one archive, fetching and verifying it first."""
         root = Path(self.root).expanduser()
-        path = root / filename
-        if not path.is_file():
+        path = self._find(filename)
+        if path is None:
+            folders = self._folders()
             if not self.download:
-                raise DataError(f"{path} is missing (downloads are disabled)")
+                raise DataError(
+                    _idx_missing_message(self.name, filename, folders, root)
+                    + " (downloads are disabled: the file is missing)"
+                )
             root.mkdir(parents=True, exist_ok=True)
-            log.warning("%s is missing: downloading it through torchvision", path)
-            _download(self.name, root, filename)
-        expected = KNOWN_SHA256.get(self.name, {}).get(filename)
-        if self.verify and expected is not None and _sha256(path) != expected:
-            raise DataError(
-                f"{path} fails its SHA-256 check (expected {expected}); "
-                "delete it and copy or download it again"
-            )
+            log.warning("%s is missing: downloading it through torchvision", root / filename)
+            _download(self.name, root, filename, folders)
+            path = root / filename
+        self._check(path, filename)
         return path
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one image, from an images archive's header (the test split's first)."""
+        for split in ("test", "train"):
+            found = self._find(IDX_FILES[split][0])
+            if found is not None:
+                return _idx_dims(found)[1:]
+        return _idx_dims(self.path(IDX_FILES["test"][0]))[1:]
+
     def load(self, split: Split) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
-        """Return ``(images (n, 28, 28) uint8, labels (n,) int64)`` of one split."""
-        images_file, labels_file = IDX_FILES[split]
+        """Return ``(images (n, H, W) uint8, labels (n,) int64)`` of one split."""
+        images_file, labels_file = IDX_FILES[_check_split(split)]
         images = _read_idx(self.path(images_file))
         labels = _read_idx(self.path(labels_file)).astype(np.int64)
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(f"{self.name}/{split}: images {images.shape}, labels {labels.shape}")
         if images.shape[0] != labels.shape[0]:
             raise DataError(
                 f"{self.name}/{split}: {images.shape[0]} images, {labels.shape[0]} labels"
             )
         return images, labels
+
+    def fingerprint(self) -> str:
+        """Content hash of both splits (no download, and no file read for verified known data).
+
+        With ``verify`` and known checksums the decompressed contents are known, whatever folder
+        or compression; otherwise every archive is hashed (cached per process), a missing one
+        counting as missing.
+        """
+        files = [f for split in SPLITS for f in IDX_FILES[split]]
+        known = KNOWN_CONTENT_SHA256.get(self.name, {})
+        if self.verify and all(f in known for f in files):
+            contents = {f: known[f] for f in files}
+        else:
+            found = {f: self._find(f) for f in files}
+            contents = {f: "missing" if p is None else file_sha256(p) for f, p in found.items()}
+        return _digest({"loader": "idx", "version": LOADER_VERSION, "files": contents})
+
+
+# ---------------------------------------------------------------------------- image folders
+
+#: Decoders an image folder may use (PIL format names) and the file names it reads.
+IMAGE_FORMATS = ("PNG", "JPEG", "PPM", "BMP", "GIF", "TIFF", "WEBP")
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".pgm", ".pbm", ".ppm", ".pnm", ".bmp", ".dib"}
+    | {".gif", ".tif", ".tiff", ".webp"}
+)
+
+#: Modes an image folder converts to, and the shape each gives an ``(H, W)`` image.
+IMAGE_MODES: dict[str, int] = {"L": 1, "RGB": 3}
+
+#: The test share of each class when neither ``test_per_class`` nor ``test_fraction`` is set.
+DEFAULT_TEST_FRACTION = 0.3
+
+#: Most unreadable files a warning names (it always gives their count).
+_MAX_NAMED = 20
+
+
+def natural_key(text: str) -> tuple[tuple[tuple[int, str], ...], str]:
+    """Sort key that orders digit runs by value: ``s2`` before ``s10`` (case-insensitive)."""
+    parts = re.split(r"(\d+)", text)
+    key = tuple((int(p), "") if i % 2 else (-1, p.lower()) for i, p in enumerate(parts))
+    return key, text
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, hidden names skipped), naturally sorted."""
+    files = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            files.append(path)
+    return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A PIL image with 8-bit channels: 16-/32-bit grey is scaled (top 8 of 16 bits)."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I" (32-bit int)
+        wide = np.asarray(image).astype(np.int64)
+        # High byte of the 16-bit value: exact for both v*257 and v<<8 encodings of 8-bit data.
+        return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).round().astype(np.uint8))
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA")
+    return image
+
+
+def read_image(path: Path, mode: str, size: tuple[int, int]) -> NDArray[np.uint8]:
+    """Decode one image: EXIF orientation applied, converted to ``mode``, resized to ``size``.
+
+    Parameters
+    ----------
+    path : Path
+        The file (PNG, JPEG, PGM/PPM, BMP, GIF, TIFF or WebP).
+    mode : str
+        ``"L"`` (grey) or ``"RGB"``.
+    size : tuple of int
+        ``(H, W)``; images of another size are resized (bilinear, antialiased).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` uint8 for ``"L"``, ``(H, W, 3)`` for ``"RGB"``.
+    """
+    Image.init()  # registers the decoders, so that OPEN lists those this PIL build has
+    formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]
+    with Image.open(path, formats=formats) as opened:
+        opened.load()
+        image = _to_8bit(ImageOps.exif_transpose(opened)).convert(mode)
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.array(image, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class ImageFolderDataset:
+    """Images in one folder per class or identity (class index: natural order of the names).
+
+    Each class is split into train and test by a seeded permutation (at least one training
+    image is kept per class). ``flat`` reads a folder of images that have no classes (a
+    harmless set): all of them form the test split, labelled -1, and the train split is empty.
+    Unreadable files are skipped and reported in one warning.
+
+    Parameters
+    ----------
+    root : str
+        The folder of class folders (or, with ``flat``, of images).
+    image_size : sequence of int
+        ``(H, W)`` of the images ``load`` returns; others are resized.
+    mode : str
+        ``"L"`` (grey, images ``(H, W)``) or ``"RGB"`` (images ``(H, W, 3)``).
+    test_per_class : int, optional
+        Test images per class.
+    test_fraction : float, optional
+        Share of each class's images in the test split, instead (default 0.3 when neither is
+        set).
+    split_seed : int
+        Seed of the train/test split.
+    flat : bool
+        A folder without classes (see above).
+    sha256 : str, optional
+        Expected :meth:`content_sha256` of the files; ``load`` refuses other contents.
+    """
+
+    root: str
+    image_size: Sequence[int]
+    mode: str = "L"
+    test_per_class: int | None = None
+    test_fraction: float | None = None
+    split_seed: int = 0
+    flat: bool = False
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_path_text("root", self.root)
+        size = self.image_size
+        if isinstance(size, str) or not isinstance(size, Sequence) or len(size) != 2:
+            raise ValueError(f"image_size must be [H, W], got {size!r}")
+        object.__setattr__(self, "image_size", tuple(_check_int("image_size", s, 1) for s in size))
+        if self.mode not in IMAGE_MODES:
+            raise ValueError(f"mode must be one of {sorted(IMAGE_MODES)}, got {self.mode!r}")
+        if self.test_per_class is not None and self.test_fraction is not None:
+            raise ValueError("test_per_class and test_fraction: set one of them, not both")
+        if self.test_per_class is not None:
+            _check_int("test_per_class", self.test_per_class, 0)
+        if self.test_fraction is not None:
+            frac = self.test_fraction
+            if isinstance(frac, bool) or not isinstance(frac, int | float):
+                raise ValueError(f"test_fraction must be a number in [0, 1), got {frac!r}")
+            if not (math.isfinite(frac) and 0.0 <= frac < 1.0):
+                raise ValueError(f"test_fraction must be in [0, 1), got {frac!r}")
+        _check_int("split_seed", self.split_seed, 0)
+        _check_flag("flat", self.flat)
+        if self.sha256 is not None:
+            object.__setattr__(self, "sha256", _check_sha256_text("sha256", self.sha256))
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """``(H, W)`` for grey, ``(H, W, 3)`` for RGB (no file is read)."""
+        height, width = self.image_size
+        channels = IMAGE_MODES[self.mode]
+        return (height, width) if channels == 1 else (height, width, channels)
+
+    def _root(self) -> Path:
+        root = Path(self.root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{root} is not a folder (image folder data set)")
+        return root
+
+    def classes(self) -> list[str]:
+        """The class folder names, in class-index order."""
+        if self.flat:
+            return []
+        root = self._root()
+        names = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if not names:
+            raise DataError(
+                f"{root}: no class folders (expected one sub-folder per class or identity)"
+            )
+        return sorted(names, key=natural_key)
+
+    def _files(self) -> list[tuple[int, list[Path]]]:
+        """``(label, image files)`` per class; one group labelled -1 when ``flat``."""
+        root = self._root()
+        if self.flat:
+            files = _image_files(root)
+            if not files:
+                raise DataError(f"{root}: no image files (suffixes {sorted(IMAGE_SUFFIXES)})")
+            return [(-1, files)]
+        groups = []
+        for label, name in enumerate(self.classes()):
+            files = _image_files(root / name)
+            if not files:
+                raise DataError(
+                    f"{root / name}: class folder holds no image file (every class needs one; "
+                    f"suffixes {sorted(IMAGE_SUFFIXES)})"
+                )
+            groups.append((label, files))
+        return groups
+
+    def content_sha256(self) -> str:
+        """SHA-256 over the relative paths and SHA-256 of every image file (cached per process)."""
+        root = self._root()
+        lines = [
+            f"{path.relative_to(root).as_posix()}\t{file_sha256(path)}\n"
+            for _, files in self._files()
+            for path in files
+        ]
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+    def _num_test(self, count: int) -> int:
+        if self.test_per_class is not None:
+            wanted = self.test_per_class
+        else:
+            frac = DEFAULT_TEST_FRACTION if self.test_fraction is None else self.test_fraction
+            wanted = round(frac * count)
+        return max(0, min(wanted, count - 1))  # keep at least one training image
+
+    def split_files(self, split: Split) -> list[tuple[int, list[Path]]]:
+        """``(label, files)`` per class of one split (before decoding)."""
+        split = _check_split(split)
+        out = []
+        for label, files in self._files():
+            if self.flat:
+                out.append((label, files if split == "test" else []))
+                continue
+            order = np.random.default_rng([self.split_seed, label]).permutation(len(files))
+            cut = self._num_test(len(files))
+            chosen = np.sort(order[:cut] if split == "test" else order[cut:])
+            out.append((label, [files[int(i)] for i in chosen]))
+        return out
+
+    def load(self, split: Split) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+        """Return ``(images (n, *image_shape) uint8, labels (n,) int64)`` of one split.
+
+        Raises
+        ------
+        DataError
+            The folder is missing, has no classes, a class has no image file, a class has no
+            readable training image, or the files fail the ``sha256`` check.
+        """
+        root = self._root()
+        if self.sha256 is not None:
+            actual = self.content_sha256()
+            if actual != self.sha256:
+                raise DataError(
+                    f"{root} fails its SHA-256 check (expected {self.sha256}, got {actual}): "
+                    "files were added, removed or changed; restore them or update sha256"
+                )
+        size = (int(self.image_size[0]), int(self.image_size[1]))
+        images: list[NDArray[np.uint8]] = []
+        labels: list[int] = []
+        skipped: list[str] = []
+        for label, files in self.split_files(split):
+            read = 0
+            for path in files:
+                try:
+                    images.append(read_image(path, self.mode, size))
+                except Exception as err:  # any decoder failure: skip the file, report it below
+                    skipped.append(f"{path.relative_to(root).as_posix()} ({err})")
+                    continue
+                labels.append(label)
+                read += 1
+            if split == "train" and not self.flat and read == 0:
+                folder = root / self.classes()[label]
+                raise DataError(f"{folder}: no readable training image (class {label})")
+        if skipped:
+            named = "; ".join(skipped[:_MAX_NAMED]) + ("; ..." if len(skipped) > _MAX_NAMED else "")
+            log.warning(
+                "%s (%s split): skipped %d unreadable file(s): %s", root, split, len(skipped), named
+            )
+        if not images:
+            return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
+        return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        """Content hash of the files and of every parameter that shapes what ``load`` returns."""
+        return _digest(
+            {
+                "loader": "image_folder",
+                "version": LOADER_VERSION,
+                "files": self.content_sha256(),
+                "image_size": list(self.image_size),
+                "mode": self.mode,
+                "test_per_class": self.test_per_class,
+                "test_fraction": self.test_fraction,
+                "default_test_fraction": DEFAULT_TEST_FRACTION,
+                "split_seed": self.split_seed,
+                "flat": self.flat,
+            }
+        )
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it (latin-1 only)."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"encoding {encoding!r} is not allowed in a CIFAR-10 batch")
+    return codecs.encode(text, "latin1")
+
+
+def _pickle_globals() -> dict[tuple[str, str], object]:
+    sample = np.zeros(1, np.uint8)
+    reconstruct = sample.__reduce__()[0]
+    frombuffer = sample.__reduce_ex__(5)[0]
+    table: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    for prefix in ("numpy.core", "numpy._core"):
+        table[(f"{prefix}.multiarray", "_reconstruct")] = reconstruct
+        table[(f"{prefix}.numeric", "_frombuffer")] = frombuffer
+    return table
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch: numpy arrays, lists and dicts; no other global is resolved."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return an allowed global; refuse every other."""
+        found = _pickle_globals().get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return found
+
+
+def _parse_cifar_batch(raw: bytes, where: str) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    try:
+        batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as err:  # a corrupt or hostile pickle: refuse it whatever the reason
+        raise DataError(f"{where}: not a CIFAR-10 batch ({err})") from err
+    if not isinstance(batch, dict):
+        raise DataError(f"{where}: not a CIFAR-10 batch (a {type(batch).__name__})")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == 3 * 32 * 32
+    ):
+        raise DataError(
+            f"{where}: data must be uint8 (n, 3072), got {getattr(data, 'shape', data)!r}"
+        )
+    if not isinstance(labels, list | np.ndarray):
+        raise DataError(f"{where}: labels must be a list, got {type(labels).__name__}")
+    try:
+        label_array = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise DataError(f"{where}: labels are not integers ({err})") from err
+    if label_array.shape != (data.shape[0],) or not ((label_array >= 0) & (label_array < 10)).all():
+        raise DataError(f"{where}: need {data.shape[0]} labels in 0..9, got {label_array.shape}")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel planes -> HWC
+    return np.ascontiguousarray(images), label_array
+
+
+@dataclass(frozen=True)
+class Cifar10Dataset:
+    """CIFAR-10 (32x32 RGB, 10 classes) from its python archive, read without extracting it.
+
+    Parameters
+    ----------
+    root : str
+        Folder that holds ``filename`` (a download goes here).
+    sha256 : str
+        Expected SHA-256 of the archive; the default is the official archive's.
+    download : bool
+        Download a missing archive through torchvision when a network is up.
+    filename : str
+        The archive's name in ``root``.
+    """
+
+    root: str
+    sha256: str = CIFAR10_SHA256
+    download: bool = True
+    filename: str = "cifar-10-python.tar.gz"
+
+    def __post_init__(self) -> None:
+        _check_path_text("root", self.root)
+        object.__setattr__(self, "sha256", _check_sha256_text("sha256", self.sha256))
+        _check_flag("download", self.download)
+        name = self.filename
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise ValueError(f"filename must be a file name, got {name!r}")
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """``(32, 32, 3)``."""
+        return (32, 32, 3)
+
+    def path(self) -> Path:
+        """The archive, downloaded when missing (and allowed), after its SHA-256 check."""
+        root = Path(self.root).expanduser()
+        path = root / self.filename
+        if not path.is_file():
+            how = (
+                f"copy the official cifar-10-python.tar.gz (SHA-256 {CIFAR10_SHA256}) into {root} "
+                f"as {self.filename}, or set download: true and run once with a network "
+                "(torchvision downloads it)"
+            )
+            if not self.download:
+                raise DataError(f"{path} is missing (downloads are disabled): {how}")
+            log.warning("%s is missing: downloading it through torchvision", path)
+            try:
+                from torchvision.datasets import CIFAR10
+                from torchvision.datasets.utils import download_url
+
+                root.mkdir(parents=True, exist_ok=True)
+                download_url(CIFAR10.url, str(root), filename=self.filename, md5=CIFAR10.tgz_md5)
+            except Exception as err:
+                raise DataError(
+                    f"{path} is missing and the download failed ({err}): {how}"
+                ) from err
+        actual = file_sha256(path)
+        if actual != self.sha256:
+            raise DataError(
+                f"{path} fails its SHA-256 check (expected {self.sha256}, got {actual}); delete "
+                "it and copy or download the archive again, or set dataset.sha256 to your copy's"
+            )
+        return path
+
+    def load(self, split: Split) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+        """Return ``(images (n, 32, 32, 3) uint8 RGB, labels (n,) int64 in 0..9)``."""
+        wanted = CIFAR10_BATCHES[_check_split(split)]
+        path = self.path()
+        found: dict[str, tuple[NDArray[np.uint8], NDArray[np.int64]]] = {}
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                for member in tar:
+                    base = PurePosixPath(member.name).name
+                    if not member.isfile() or base not in wanted or base in found:
+                        continue
+                    handle = tar.extractfile(member)
+                    if handle is None:
+                        continue
+                    found[base] = _parse_cifar_batch(handle.read(), f"{path}:{member.name}")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{path} is not a readable tar.gz archive ({err})") from err
+        missing = [b for b in wanted if b not in found]
+        if missing:
+            raise DataError(f"{path} lacks the CIFAR-10 batch(es) {missing}")
+        images = np.concatenate([found[b][0] for b in wanted])
+        labels = np.concatenate([found[b][1] for b in wanted])
+        return images, labels
+
+    def fingerprint(self) -> str:
+        """The archive's expected SHA-256 identifies both splits (``load`` checks it)."""
+        return _digest(
+            {"loader": "cifar10-python", "version": LOADER_VERSION, "sha256": self.sha256}
+        )
+
+
+def as_image_dataset(value: object, key: str = "dataset") -> ImageDataset:
+    """``value`` as an :class:`ImageDataset`, or a ``ValueError`` naming ``key``."""
+    if isinstance(value, IdxDataset | ImageFolderDataset | Cifar10Dataset):
+        return value
+    raise ValueError(f"config group {key!r} built a {type(value).__name__}, not an image data set")
 
 
 @dataclass(frozen=True)
@@ -291,12 +981,43 @@ def user_class_indices(
     return idx
 
 
+def random_classes_partition(
+    num_users: int = 10, num_classes: int = 40, draw_seed: int = 0
+) -> Partition:
+    """``num_users`` users, each owning one class drawn at random without replacement.
+
+    The paper's face protocol: 10 people out of the 40 of ORL register, a different draw per
+    seed. User ``i`` owns the ``i``-th smallest class drawn.
+
+    Parameters
+    ----------
+    num_users : int
+        Users (and drawn classes); at most ``num_classes``.
+    num_classes : int
+        Classes to draw from (the data set's).
+    draw_seed : int
+        Seed of the draw.
+    """
+    users = _check_int("num_users", num_users, 1)
+    classes = _check_int("num_classes", num_classes, 1)
+    seed = _check_int("draw_seed", draw_seed, 0)
+    if users > classes:
+        raise ValueError(f"num_users={users} needs as many classes, but num_classes is {classes}")
+    drawn = np.sort(np.random.default_rng(seed).choice(classes, size=users, replace=False))
+    return Partition(num_users=users, user_classes=[[int(c)] for c in drawn])
+
+
 #: Data sets by the name a config's ``_target_`` gives (see :mod:`.registry`).
-DATASETS: dict[str, Callable[..., object]] = {"docl_flower.core.data.IdxDataset": IdxDataset}
+DATASETS: dict[str, Callable[..., object]] = {
+    "docl_flower.core.data.IdxDataset": IdxDataset,
+    "docl_flower.core.data.ImageFolderDataset": ImageFolderDataset,
+    "docl_flower.core.data.Cifar10Dataset": Cifar10Dataset,
+}
 
 #: Partitions (which user owns which classes) by ``_target_`` name.
 PARTITIONS: dict[str, Callable[..., Partition]] = {
     "docl_flower.core.data.Partition": Partition,
     "docl_flower.core.data.adversary_partition": adversary_partition,
     "docl_flower.core.data.imbalance_partition": imbalance_partition,
+    "docl_flower.core.data.random_classes_partition": random_classes_partition,
 }

@@ -55,6 +55,9 @@ class RunResult:
     filter_path: str | None = None
     #: The scoring path the ServerApp's filter used (``native`` or ``torch``).
     scoring_kernel: str | None = None
+    #: Server-side images per set (test, harmless) for which the extractor fell back
+    #: (faces: no face detected, the whole image used).
+    feature_fallbacks: dict[str, int] = field(default_factory=dict)
     # --- baselines
     accuracy_curve: list[dict[str, float]] = field(default_factory=list)
     uploads_raw_images: bool = False

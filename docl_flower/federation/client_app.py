@@ -20,7 +20,8 @@ from ..core.calibration import train_and_calibrate
 from ..core.classifier import SgdSpec
 from ..core.classifier import train_classifier as sgd_train
 from ..core.config import ClientSpec
-from ..core.data import derive_seed
+from ..core.data import ImageDataset, derive_seed
+from ..core.inputs import split_features
 from ..core.logs import setup_logging
 from ..core.model import (
     AutoencoderSpec,
@@ -46,9 +47,12 @@ def resolve_user(node_config: Mapping[str, object]) -> int:
 
 def _load(
     spec: ClientSpec, node_config: Mapping[str, object]
-) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+) -> tuple[ImageDataset, NDArray[np.uint8], NDArray[np.int64]]:
+    """The training data set of this node (from its ``data-dir`` when the operator set one)."""
     data_dir = node_config.get(keys.NODE_DATA_DIR)
-    return spec.dataset_obj(str(data_dir) if data_dir is not None else None).load("train")
+    dataset = spec.dataset_obj(str(data_dir) if data_dir is not None else None)
+    images, labels = dataset.load("train")
+    return dataset, images, labels
 
 
 def _device() -> torch.device:
@@ -87,7 +91,7 @@ def train_docl(
     model_spec, train_spec = spec.model_spec(), spec.train_spec()
     if not isinstance(model_spec, AutoencoderSpec) or not isinstance(train_spec, TrainSpec):
         raise ValueError("the DOCL task needs an autoencoder model and its training recipe")
-    images, labels = _load(spec, node_config)
+    dataset, images, labels = _load(spec, node_config)
     features = spec.features_obj()
     device = _device()
     arrays: dict[str, Array] = {}
@@ -100,7 +104,8 @@ def train_docl(
         idx = spec.training_indices(user, c, labels)
         if idx.size == 0:
             raise ValueError(f"user {user} holds no training image of class {c}")
-        x = features(images[idx])
+        # Only this user's rows: from the feature cache, or extracted here on the device.
+        x = split_features(dataset, features, "train", idx, images).features
         log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
         fit = train_and_calibrate(
             x,
@@ -150,9 +155,10 @@ def train_classifier(
     model_spec, sgd = spec.model_spec(), spec.train_spec()
     if isinstance(model_spec, AutoencoderSpec) or not isinstance(sgd, SgdSpec):
         raise ValueError("the classifier task needs a classifier model and SGD")
-    images, labels = _load(spec, node_config)
+    dataset, images, labels = _load(spec, node_config)
     idx = spec.user_indices(user, labels)
-    x, y = spec.features_obj()(images[idx]), torch.as_tensor(labels[idx])
+    x = split_features(dataset, spec.features_obj(), "train", idx, images).features
+    y = torch.as_tensor(labels[idx])
     model = model_spec.build(int(x.shape[1]))
     model.load_state_dict(content.array_records[keys.ARRAYS_RECORD].to_torch_state_dict())
     seconds = sgd_train(

@@ -15,6 +15,7 @@ import torch
 from flwr.serverapp import Grid
 
 from ...core.config import Experiment
+from ...core.inputs import server_sets
 from ...core.results import RunResult
 
 
@@ -36,18 +37,12 @@ def as_workflow(spec: object) -> Workflow:
     return spec
 
 
-def test_set(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of the whole test split."""
-    images, labels = exp.dataset.load("test")
-    return exp.features(images), torch.as_tensor(labels)
-
-
 def held_test_set(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
     """Test images of the classes the users hold (what DOCL's overall accuracy covers)."""
-    x, y = test_set(exp)
+    sets = server_sets(exp)
     held = torch.tensor(sorted({c for cs in exp.assignment.values() for c in cs}))
-    mask = torch.isin(y, held)
-    return x[mask], y[mask]
+    mask = torch.isin(sets.y_test, held)
+    return sets.x_test[mask], sets.y_test[mask]
 
 
 def _register_workflows() -> None:

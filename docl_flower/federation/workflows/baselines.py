@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from ...core.classifier import ClassifierSpec, SgdSpec, accuracy_report, predict, train_classifier
 from ...core.config import Experiment
+from ...core.inputs import split_features
 from ...core.model import AutoencoderSpec
 from ...core.registry import build, register
 from ...core.results import RunResult
@@ -129,7 +130,8 @@ class Centralised:
         idx = np.unique(
             np.concatenate([spec.user_indices(u, labels) for u in sorted(exp.assignment)])
         )
-        x, y = exp.features(images[idx]), torch.as_tensor(labels[idx])
+        x = split_features(exp.dataset, exp.features, "train", idx, images).features
+        y = torch.as_tensor(labels[idx])
         x_test, y_test = held_test_set(exp)
         torch.manual_seed(exp.seed)
         model = _classifier(exp).build(int(x.shape[1]))

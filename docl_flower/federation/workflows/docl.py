@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from ...core.config import Experiment
 from ...core.filter import GlobalFilter, Registration
+from ...core.inputs import server_sets
 from ...core.metrics import evaluate
 from ...core.model import AutoencoderSpec
 from ...core.probe import ProbeCheck, probe_set
@@ -25,7 +26,6 @@ from ..grids import StreamingGrid
 from ..nodes import load_bindings
 from ..strategy import RegisterOnce
 from ..uploads import UploadError, UploadRules
-from . import test_set
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,13 @@ class Docl:
         if not isinstance(exp.model, AutoencoderSpec):
             raise ValueError(f"DOCL trains autoencoders; model is a {type(exp.model).__name__}")
         bindings = load_bindings(self.bindings_path) if self.bindings_path else None
-        x_test, y_test = test_set(exp)
+        sets = server_sets(exp)
+        x_test, y_test, harmless = sets.x_test, sets.y_test, sets.harmless
         dim = int(x_test.shape[1])
         rules = UploadRules(shapes=exp.model.shapes(dim), max_error=float(dim))
         filter_dir = Path(self.filter_path) if self.filter_path else out_dir / "filter"
         store = PersistentFilter(filter_dir, {"config": exp.config})
         spec = exp.client_spec
-        harmless = None
-        if exp.harmless is not None:
-            harmless = exp.features(exp.harmless.load("test")[0])
         probe = ProbeCheck(
             probe_set(harmless, dim, self.probe_images, self.probe_noise, exp.seed),
             alpha=exp.guard.alpha,
@@ -145,4 +143,5 @@ class Docl:
             trained_on_cuda={str(u): c for u, c in sorted(outcome.cuda.items())},
             filter_path=str(filter_dir),
             scoring_kernel=flt.kernel,
+            feature_fallbacks=sets.fallbacks,
         )
