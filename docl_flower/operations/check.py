@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from safetensors import SafetensorError
 
+from ..core.data import read_image
 from ..core.features import FeatureExtractor
 from ..core.filter import GUARDS, GlobalFilter, Guard, Registration
 from ..core.registry import build
@@ -68,18 +69,19 @@ def collect(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def load_image(path: Path, size: tuple[int, int]) -> NDArray[np.uint8]:
-    """One ``(H, W)`` uint8 grey image; raises one of :data:`IMAGE_ERRORS` if unreadable."""
-    with Image.open(path) as img:
-        grey = img.convert("L")  # decodes the whole file: a truncated one fails here
-        if grey.size != (size[1], size[0]):
-            grey = grey.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        return np.asarray(grey, dtype=np.uint8)
+def load_image(path: Path, shape: Sequence[int]) -> NDArray[np.uint8]:
+    """One image as the filter's data set holds them: ``(H, W)`` grey or ``(H, W, 3)`` RGB.
+
+    EXIF orientation applied, 16-bit and palette images converted exactly as the data set
+    loader does; raises one of :data:`IMAGE_ERRORS` if unreadable.
+    """
+    mode = "RGB" if len(shape) == 3 else "L"
+    return read_image(path, mode, (int(shape[0]), int(shape[1])))
 
 
-def load_images(files: Sequence[Path], size: tuple[int, int]) -> NDArray[np.uint8]:
-    """``(n, H, W)`` uint8 grey images (raises for the first unreadable file)."""
-    return np.stack([load_image(f, size) for f in files])
+def load_images(files: Sequence[Path], shape: Sequence[int]) -> NDArray[np.uint8]:
+    """Stacked images (raises for the first unreadable file)."""
+    return np.stack([load_image(f, shape) for f in files])
 
 
 def _alpha(text: str) -> float:
@@ -146,7 +148,14 @@ def _parser() -> argparse.ArgumentParser:
         help="Guard alpha, a finite number > 0 (default: the one the filter was run with)",
     )
     parser.add_argument("--guard", choices=sorted(GUARDS), default="paper")
-    parser.add_argument("--image-size", type=_side, nargs=2, default=(28, 28), metavar=("H", "W"))
+    parser.add_argument(
+        "--image-size",
+        type=_side,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="resize to H x W (default: the image shape of the filter's data set)",
+    )
     return parser
 
 
@@ -156,7 +165,7 @@ def _one_line(err: BaseException) -> str:
 
 def _load(
     folder: Path, guard_name: str, alpha: float | None
-) -> tuple[list[Registration], FeatureExtractor, Guard, float]:
+) -> tuple[list[Registration], FeatureExtractor, Guard, float, list[int] | None]:
     """The filter's autoencoders, its feature extractor and the Guard; raises FilterError."""
     try:
         regs, meta = load_filter(folder)
@@ -182,7 +191,13 @@ def _load(
         guard = GUARDS[guard_name](alpha, str(guard_cfg.get("sided", "two")))
     except (TypeError, ValueError) as err:
         raise FilterError(f"{folder}: the filter's guard {_one_line(err)}") from err
-    return regs, features, guard, alpha
+    dataset = config.get("dataset")
+    raw = dataset.get("image_shape") if isinstance(dataset, dict) else None
+    shape: list[int] | None = None
+    if isinstance(raw, list) and len(raw) in (2, 3):
+        sides = [s for s in raw if isinstance(s, int) and not isinstance(s, bool) and s > 0]
+        shape = sides if len(sides) == len(raw) else None
+    return regs, features, guard, alpha, shape
 
 
 def main(argv: Sequence[str]) -> int:
@@ -192,7 +207,7 @@ def main(argv: Sequence[str]) -> int:
     """
     args = _parser().parse_args(list(argv))
     try:
-        regs, features, guard, alpha = _load(args.filter, args.guard, args.alpha)
+        regs, features, guard, alpha, shape = _load(args.filter, args.guard, args.alpha)
         flt = GlobalFilter(regs)
     except (FilterError, ValueError) as err:
         print(f"{PROG}: {_one_line(err)}", file=sys.stderr)
@@ -201,13 +216,20 @@ def main(argv: Sequence[str]) -> int:
     if not files:
         print(f"{PROG}: no image files found", file=sys.stderr)
         return EXIT_USAGE
-    size = (int(args.image_size[0]), int(args.image_size[1]))
+    if args.image_size is not None:
+        shape = [int(args.image_size[0]), int(args.image_size[1]), *(shape or [])[2:]]
+    if shape is None:
+        print(
+            f"{PROG}: {args.filter}: no dataset.image_shape in its config: pass --image-size",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     decided: list[Path] = []
     images: list[NDArray[np.uint8]] = []
     failed = 0
     for f in files:
         try:
-            images.append(load_image(f, size))
+            images.append(load_image(f, shape))
             decided.append(f)
         except IMAGE_ERRORS as err:
             failed += 1
@@ -223,13 +245,15 @@ def main(argv: Sequence[str]) -> int:
         block = guard.block(flt, scores, args.uploader)
         for f, i, d, b in zip(decided, idx.tolist(), dmin.tolist(), block.tolist(), strict=True):
             reg = regs[i]
-            lo, hi = reg.err_mean - alpha * reg.err_std, reg.err_mean + alpha * reg.err_std
+            hi = reg.err_mean + alpha * reg.err_std
+            lo = reg.err_mean - alpha * reg.err_std if guard.sided == "two" else float("-inf")
             rows.append(
                 f"{f}\t{reg.user_id}\t{reg.label}\t{d:.3f}\t[{lo:.3f}, {hi:.3f}]\t"
                 f"{'block' if b else 'share'}"
             )
     print(
-        f"filter: {len(regs)} autoencoders; guard {args.guard}, alpha {alpha}; "
+        f"filter: {len(regs)} autoencoders; guard {args.guard} ({guard.sided}-sided), "
+        f"alpha {alpha}; "
         f"uploader {args.uploader}"
     )
     print("image\tpredicted_owner\tpredicted_class\tscore\tinterval\tdecision")
