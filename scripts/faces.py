@@ -93,7 +93,9 @@ def analyse_run(folder: Path, subsets: int) -> tuple[dict[str, Any], Experiment,
     }
     out["scalability"] = {
         str(k): float(np.mean(list(v.values())))
-        for k, v in scalability(flt, scores, labels, KS, subsets, exp.seed).items()
+        for k, v in scalability(
+            flt, scores, labels, [k for k in KS if k <= flt.size], subsets, exp.seed
+        ).items()
     }
     return out, exp, honest
 
@@ -195,8 +197,9 @@ def summarise(report: dict[str, Any], alpha: float, level: float) -> str:
     for name, runs in report["extractors"].items():
         row = [
             f"{np.mean([r['scalability'][str(k)] for r in runs]):.3f}"
-            for k in KS
             if all(str(k) in r["scalability"] for r in runs)
+            else "-"
+            for k in KS
         ]
         scal.append(f"| {LABELS.get(name, name)} | " + " | ".join(row) + " |")
     lines += [
@@ -225,8 +228,9 @@ def plot(report: dict[str, Any], out: Path) -> None:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in report["extractors"].items():
-        ys = [np.mean([r["scalability"][str(k)] for r in runs]) for k in KS]
-        ax.plot(KS, ys, marker="o", label=name)
+        ks = [k for k in KS if all(str(k) in r["scalability"] for r in runs)]
+        ys = [np.mean([r["scalability"][str(k)] for r in runs]) for k in ks]
+        ax.plot(ks, ys, marker="o", label=name)
     ax.set(xlabel="people registered (k)", ylabel="mean per-person accuracy", ylim=(0, 1.02))
     ax.legend(fontsize=8)
     fig.tight_layout()
