@@ -24,11 +24,11 @@ from docl_flower.federation.workflows import as_workflow
 
 def test_mcmahan_models_have_the_published_sizes():
     assert sum(p.numel() for p in Mlp2NN().build(784).parameters()) == 199_210
-    cnn = Cnn().build(784)
+    cnn = Cnn((28, 28)).build(784)
     assert cnn(torch.rand(2, 784)).shape == (2, 10)
     assert sum(p.numel() for p in cnn.parameters()) == 1_663_370
     with pytest.raises(ValueError):
-        Cnn().build(100)
+        Cnn((28, 28)).build(100)
 
 
 def _blobs(n: int = 300):

@@ -60,8 +60,8 @@ class Cnn:
     grey or ``(H, W, C)``; features are images flattened row-major from that shape.
     """
 
+    image_shape: Sequence[int]
     num_classes: int = 10
-    image_shape: Sequence[int] = (28, 28)
 
     def __post_init__(self) -> None:
         check_int("num_classes", self.num_classes, minimum=2)

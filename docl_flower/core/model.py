@@ -263,7 +263,7 @@ class RandomAffine:
         Maximum relative zoom (``0.1`` means 0.9 to 1.1).
     """
 
-    image_shape: tuple[int, int] = (28, 28)
+    image_shape: tuple[int, int]
     degrees: float = 10.0
     translate: float = 2.0
     scale: float = 0.1
