@@ -661,7 +661,8 @@ def _load_efficientnet(path: Path) -> nn.Module:
 
 
 def _efficientnet_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    pooled: torch.Tensor = net.extract_features(x).mean(dim=(2, 3))  # type: ignore[operator]  # nn.Module attributes are untyped in torch's stubs
+    # torch's stubs type a module's attributes as Tensor | Module: not callable for mypy.
+    pooled: torch.Tensor = net.extract_features(x).mean(dim=(2, 3))  # type: ignore[operator]
     return pooled
 
 

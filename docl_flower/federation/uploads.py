@@ -67,7 +67,9 @@ def record_bytes(content: object) -> int:
     total = 0
     try:
         for rec in records(content, "array_records").values():
-            for arr in rec.values():  # type: ignore[attr-defined]  # hostile: caught below
+            if not isinstance(rec, Mapping):
+                continue
+            for arr in rec.values():
                 size = int(np.prod([int(d) for d in arr.shape], dtype=np.int64))
                 total += size * np.dtype(arr.dtype).itemsize
     except Exception:
