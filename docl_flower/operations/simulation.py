@@ -10,7 +10,9 @@ that the ``finally`` blocks here run.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,11 +54,13 @@ class LocalSuperLink:
 
 
 @contextmanager
-def local_superlink(flwr_home: Path, startup_s: float = 60.0) -> Iterator[LocalSuperLink]:
+def local_superlink(
+    flwr_home: Path, startup_s: float = 60.0, log_dir: Path | None = None
+) -> Iterator[LocalSuperLink]:
     """Start a simulation SuperLink on a free port; stop it on exit, also on error."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log_path = flwr_home / f"superlink-{port}.log"
+    log_path = (log_dir or flwr_home) / f"superlink-{port}.log"
     cmd = [
         flwr_bin("flower-superlink"),
         "--insecure",
@@ -86,8 +90,29 @@ def run_app(
     federation_config: Mapping[str, object],
     timeout_s: float = 3600.0,
 ) -> int:
-    """Run the Flower app in simulation and return its run id; raise if it did not complete."""
-    with local_superlink(flwr_home) as link:
+    """Run the Flower app in simulation and return its run id; raise if it did not complete.
+
+    Each call gets a FLWR_HOME of its own below ``flwr_home`` (removed at the end; the
+    SuperLink's log stays in ``flwr_home``), so that concurrent runs never read each other's
+    connection from ``config.toml``.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    own_home = Path(tempfile.mkdtemp(prefix="sim-", dir=flwr_home))
+    try:
+        return _run_app(app_dir, own_home, run_config, federation_config, timeout_s, flwr_home)
+    finally:
+        shutil.rmtree(own_home, ignore_errors=True)
+
+
+def _run_app(
+    app_dir: Path,
+    flwr_home: Path,
+    run_config: Mapping[str, object],
+    federation_config: Mapping[str, object],
+    timeout_s: float,
+    log_dir: Path,
+) -> int:
+    with local_superlink(flwr_home, log_dir=log_dir) as link:
         write_connection(flwr_home, CONNECTION, link.control_address)
         cmd = [
             flwr_bin("flwr"),
