@@ -60,7 +60,7 @@ def test_a_message_naming_a_task_outside_the_registry_is_refused(tiny_root, tmp_
         spec = dataclasses.replace(_spec(tiny_root), task=task)
         with pytest.raises(ValueError, match="unknown task"):
             handle_train(_message(spec), {"partition-id": 0})
-    assert sorted(TASKS) == ["classifier", "docl", "idle"]
+    assert sorted(TASKS) == ["classifier", "docl", "feature_stats", "idle"]
     assert not target.exists()
 
 

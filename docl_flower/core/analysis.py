@@ -11,14 +11,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .filter import GlobalFilter, Guard, Registration, ScoringConfig
+from .filter import GlobalFilter, Guard, Registration, ScoredFilter, ScoringConfig
 from .metrics import acceptance_rate, auroc, guarded_accuracy, per_class_accuracy
 
 GuardFactory = Callable[[float], Guard]
 
 
 def alpha_sweep(
-    flt: GlobalFilter,
+    flt: ScoredFilter,
     guard_factory: GuardFactory,
     scores: torch.Tensor,
     labels: torch.Tensor,

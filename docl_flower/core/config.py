@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .classifier import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
 from .data import ImageDataset, Partition, as_image_dataset, class_indices, user_class_indices
+from .feature_stats import StatsSpec
 from .features import FeatureExtractor
 from .filter import GUARDS, SIDES, Guard, ScoringConfig, make_guard
 from .install import PACKAGE_ROOT, project_root
@@ -57,6 +58,15 @@ class WorkflowSpec(Protocol):
     """
 
     CLIENT_TASK: ClassVar[str]
+
+
+@runtime_checkable
+class ClientOptionsSpec(Protocol):
+    """A workflow whose clients' task takes options (sent in :attr:`ClientSpec.options`)."""
+
+    def client_options(self) -> dict[str, Any]:
+        """The task's options as JSON-ready data."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,8 @@ class ClientSpec:
     extra_classes: dict[int, list[int]] = field(default_factory=dict)
     shards: int = 0
     task: str = "docl"
+    #: Options of the task that the workflow sends (feature statistics: a :class:`StatsSpec`).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Serialise (integer keys become strings)."""
@@ -206,6 +218,10 @@ class ClientSpec:
     def train_spec(self) -> TrainRecipe:
         """The training recipe as a typed object."""
         return _as_train(_spec("train", self.train))
+
+    def stats_spec(self) -> StatsSpec:
+        """The feature-statistics options of the ``feature_stats`` task as a typed object."""
+        return StatsSpec(**self.options)
 
     def dataset_obj(self, root: str | None = None) -> ImageDataset:
         """The training data set, optionally read from a node-local folder."""
@@ -440,6 +456,12 @@ def _check_combination(
             )
         if not isinstance(train, SgdSpec):
             raise ValueError("train: the baselines train with SGD (use train=sgd)")
+    elif task == "feature_stats":
+        # Per-class statistics of the features: no model is trained on the device, so the
+        # ``model`` and ``train`` groups are not used (their options live in ``strategy``).
+        pass
+    else:
+        raise ValueError(f"strategy: unknown client task {task!r}")
     if not isinstance(model, AutoencoderSpec) and model.num_classes < num_classes:
         raise ValueError(
             f"model.num_classes must be >= dataset.num_classes ({num_classes}), "
@@ -505,6 +527,7 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
         extra_classes={int(k): [int(c) for c in v] for k, v in partition.extra_classes.items()},
         shards=len(assignment) if partition.iid else 0,
         task=str(workflow.CLIENT_TASK),
+        options=workflow.client_options() if isinstance(workflow, ClientOptionsSpec) else {},
     )
     return Experiment(
         seed=seed,

@@ -69,7 +69,70 @@ class ScoringConfig:
             raise ValueError("chunk sizes must be >= 1")
 
 
-class GlobalFilter:
+class ScoredFilter:
+    """What the Guards and the metrics need of a filter: scores, owners and intervals.
+
+    A score is a dissimilarity (lower: more alike). Column ``i`` of :meth:`scores` belongs to
+    a registration of class ``labels[i]`` owned by user ``owners[i]``, whose privacy interval
+    is ``mu[i] +- alpha * sigma[i]`` (or ``<= mu[i] + alpha * sigma[i]``, one-sided). The
+    global filter of autoencoders is one; the likelihood filter of the feature-statistics
+    baseline (scores: negative log-likelihoods) is another.
+
+    Parameters
+    ----------
+    labels, owners : torch.Tensor
+        Class and owning user of each registration (column).
+    mu, sigma : torch.Tensor
+        Centre and width unit of each registration's interval (float64).
+    """
+
+    def __init__(
+        self, labels: torch.Tensor, owners: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
+    ) -> None:
+        self.labels = labels
+        self.owners = owners
+        self.mu = mu
+        self.sigma = sigma
+
+    @property
+    def size(self) -> int:
+        """Number N of registrations (columns of :meth:`scores`)."""
+        return int(self.labels.numel())
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Score of every image (rows) under every registration (columns), shape (n, N)."""
+        raise NotImplementedError
+
+    def predict(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index ``i*`` of the best registration per image and its score.
+
+        A NaN score counts as the worst possible score (``torch.min`` would pick it).
+        """
+        safe = torch.nan_to_num(scores, nan=float("inf"))
+        dmin, idx = safe.min(dim=1)
+        return idx, dmin
+
+    def predict_labels(self, scores: torch.Tensor) -> torch.Tensor:
+        """Predicted class (the label of registration ``i*``) per image."""
+        return self.labels[self.predict(scores)[0]]
+
+    def inside(self, scores: torch.Tensor, alpha: float, sided: str = "two") -> torch.Tensor:
+        """Whether each score lies in its registration's privacy interval, shape (n, N).
+
+        ``sided="two"`` is the paper's interval ``[mu - alpha*sigma, mu + alpha*sigma]``;
+        ``sided="one"`` is ``d <= mu + alpha*sigma`` (an image the autoencoder reconstructs
+        better than its own photos is at least as likely to show its owner). NaN is outside.
+        """
+        hi = self.mu + alpha * self.sigma
+        s = scores.to(torch.float64)
+        if sided == "one":
+            return s <= hi
+        if sided != "two":
+            raise ValueError(f"sided must be 'one' or 'two', got {sided!r}")
+        return (s >= self.mu - alpha * self.sigma) & (s <= hi)
+
+
+class GlobalFilter(ScoredFilter):
     """All registered autoencoders, stacked, plus their error statistics.
 
     Attributes
@@ -126,15 +189,12 @@ class GlobalFilter:
             self._dec = (
                 0.5 * torch.cat([dec_w.transpose(1, 2), dec_b[:, None, :]], dim=1)
             ).contiguous()
-        self.labels = torch.tensor([r.label for r in registrations])
-        self.owners = torch.tensor([r.user_id for r in registrations])
-        self.mu = torch.tensor([r.err_mean for r in registrations], dtype=torch.float64)
-        self.sigma = torch.tensor([r.err_std for r in registrations], dtype=torch.float64)
-
-    @property
-    def size(self) -> int:
-        """Number N of registered autoencoders."""
-        return len(self.registrations)
+        super().__init__(
+            labels=torch.tensor([r.label for r in registrations]),
+            owners=torch.tensor([r.user_id for r in registrations]),
+            mu=torch.tensor([r.err_mean for r in registrations], dtype=torch.float64),
+            sigma=torch.tensor([r.err_std for r in registrations], dtype=torch.float64),
+        )
 
     @property
     def dim(self) -> int:
@@ -232,34 +292,6 @@ class GlobalFilter:
                     out[i0 : i0 + b, j0:j1] = err.T
         return out
 
-    def predict(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index ``i*`` of the best autoencoder per image and its error ``d_{i*}``.
-
-        A NaN score counts as the worst possible error (``torch.min`` would pick it).
-        """
-        safe = torch.nan_to_num(scores, nan=float("inf"))
-        dmin, idx = safe.min(dim=1)
-        return idx, dmin
-
-    def predict_labels(self, scores: torch.Tensor) -> torch.Tensor:
-        """Predicted class (the label of autoencoder ``i*``) per image."""
-        return self.labels[self.predict(scores)[0]]
-
-    def inside(self, scores: torch.Tensor, alpha: float, sided: str = "two") -> torch.Tensor:
-        """Whether each error lies in its autoencoder's privacy interval, shape (n, N).
-
-        ``sided="two"`` is the paper's interval ``[mu - alpha*sigma, mu + alpha*sigma]``;
-        ``sided="one"`` is ``d <= mu + alpha*sigma`` (an image the autoencoder reconstructs
-        better than its own photos is at least as likely to show its owner). NaN is outside.
-        """
-        hi = self.mu + alpha * self.sigma
-        s = scores.to(torch.float64)
-        if sided == "one":
-            return s <= hi
-        if sided != "two":
-            raise ValueError(f"sided must be 'one' or 'two', got {sided!r}")
-        return (s >= self.mu - alpha * self.sigma) & (s <= hi)
-
 
 def reference_scores(registrations: Sequence[Registration], x: torch.Tensor) -> torch.Tensor:
     """Eq. 7-8 the plain way, one autoencoder at a time (the yardstick of the GlobalFilter)."""
@@ -295,7 +327,7 @@ class ArgminGuard:
             raise ValueError(f"sided must be one of {list(SIDES)}, got {self.sided!r}")
 
     def block(
-        self, flt: GlobalFilter, scores: torch.Tensor, uploader: torch.Tensor | int
+        self, flt: ScoredFilter, scores: torch.Tensor, uploader: torch.Tensor | int
     ) -> torch.Tensor:
         """Boolean block decision per image uploaded by ``uploader`` (a user id per image)."""
         idx, _ = flt.predict(scores)
@@ -322,7 +354,7 @@ class StrictGuard:
             raise ValueError(f"sided must be one of {list(SIDES)}, got {self.sided!r}")
 
     def block(
-        self, flt: GlobalFilter, scores: torch.Tensor, uploader: torch.Tensor | int
+        self, flt: ScoredFilter, scores: torch.Tensor, uploader: torch.Tensor | int
     ) -> torch.Tensor:
         """Boolean block decision per image uploaded by ``uploader``."""
         inside = flt.inside(scores, self.alpha, self.sided)

@@ -1,24 +1,26 @@
 """Evaluation metrics of the paper (GUIDE section 1): accuracy, Guard trade-off, OOD AUROC.
 
-No Flower here. Inputs are score matrices from :meth:`GlobalFilter.scores`.
+No Flower here. Inputs are score matrices from :meth:`ScoredFilter.scores` (the global filter of
+autoencoders, or the likelihood filter of the feature-statistics baseline).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from .filter import OUTSIDER, GlobalFilter, Guard
+from .filter import OUTSIDER, Guard, ScoredFilter, guard_name, make_guard
 
 
-def _registered_mask(flt: GlobalFilter, labels: torch.Tensor) -> torch.Tensor:
+def _registered_mask(flt: ScoredFilter, labels: torch.Tensor) -> torch.Tensor:
     return torch.isin(labels, flt.labels)
 
 
-def overall_accuracy(flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tensor) -> float:
+def overall_accuracy(flt: ScoredFilter, scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of test images of registered classes whose ``i*`` is their true class."""
     mask = _registered_mask(flt, labels)
     if not bool(mask.any()):
@@ -28,7 +30,7 @@ def overall_accuracy(flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tens
 
 
 def per_class_accuracy(
-    flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tensor
+    flt: ScoredFilter, scores: torch.Tensor, labels: torch.Tensor
 ) -> dict[int, float]:
     """Accuracy of ``i*`` per registered true class."""
     pred = flt.predict_labels(scores)
@@ -41,7 +43,7 @@ def per_class_accuracy(
 
 
 def guarded_accuracy(
-    flt: GlobalFilter, guard: Guard, scores: torch.Tensor, labels: torch.Tensor
+    flt: ScoredFilter, guard: Guard, scores: torch.Tensor, labels: torch.Tensor
 ) -> float:
     """Fraction of registered-class images, uploaded by a non-owner, blocked with the right ``i*``.
 
@@ -54,7 +56,7 @@ def guarded_accuracy(
     return float((blocked & correct).double().mean())
 
 
-def acceptance_rate(flt: GlobalFilter, guard: Guard, harmless_scores: torch.Tensor) -> float:
+def acceptance_rate(flt: ScoredFilter, guard: Guard, harmless_scores: torch.Tensor) -> float:
     """Fraction of harmless images (no registered class) that the Guard shares."""
     blocked = guard.block(flt, harmless_scores, OUTSIDER)
     return float((~blocked).double().mean())
@@ -79,9 +81,13 @@ def auroc(negatives: NDArray[np.floating], positives: NDArray[np.floating]) -> f
 
 
 def ood_auroc(
-    flt: GlobalFilter, scores: torch.Tensor, labels: torch.Tensor, harmless: torch.Tensor
+    flt: ScoredFilter, scores: torch.Tensor, labels: torch.Tensor, harmless: torch.Tensor
 ) -> float:
-    """AUROC of the minimum reconstruction error: registered-class images vs harmless images."""
+    """AUROC of the best (minimum) score: registered-class images vs harmless images.
+
+    The score is the reconstruction error for DOCL, the negative log-likelihood for the
+    likelihood filter (so the maximum log-likelihood there).
+    """
     mask = _registered_mask(flt, labels)
     _, d_in = flt.predict(scores[mask])
     _, d_out = flt.predict(harmless)
@@ -98,16 +104,53 @@ class Evaluation:
     guarded_accuracy: float
     acceptance_rate: float | None
     ood_auroc: float | None
+    #: Guarded accuracy and acceptance rate per alpha of the sweep (same Guard rule and sides).
+    guard_curve: tuple[dict[str, float], ...] = ()
+
+
+def guard_curve(
+    flt: ScoredFilter,
+    guard: Guard,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    harmless_scores: torch.Tensor,
+    alphas: Sequence[float],
+) -> tuple[dict[str, float], ...]:
+    """Guarded accuracy and acceptance rate of ``guard``'s rule at each of ``alphas``."""
+    name = guard_name(guard)
+    out = []
+    for alpha in alphas:
+        at = make_guard(name, float(alpha), guard.sided)
+        out.append(
+            {
+                "alpha": float(alpha),
+                "guarded_accuracy": guarded_accuracy(flt, at, scores, labels),
+                "acceptance_rate": acceptance_rate(flt, at, harmless_scores),
+            }
+        )
+    return tuple(out)
+
+
+#: Alphas of the guard curve in ``results.json`` (fine where acceptance changes fast).
+ALPHA_GRID: tuple[float, ...] = tuple(
+    float(a)
+    for a in np.round(np.concatenate([np.arange(0.1, 5.0, 0.1), np.arange(5.0, 20.01, 0.5)]), 2)
+)
 
 
 def evaluate(
-    flt: GlobalFilter,
+    flt: ScoredFilter,
     guard: Guard,
     features: torch.Tensor,
     labels: torch.Tensor,
     harmless: torch.Tensor | None,
+    alphas: Sequence[float] = (),
 ) -> Evaluation:
-    """Score the test images (and harmless images, when given) once and compute every metric."""
+    """Score the test images (and harmless images, when given) once and compute every metric.
+
+    With ``alphas`` (and harmless images), the Guard's rule is also evaluated at each alpha
+    (:attr:`Evaluation.guard_curve`), from the same scores.
+    """
     scores = flt.scores(features)
     h_scores = flt.scores(harmless) if harmless is not None else None
     return Evaluation(
@@ -117,4 +160,7 @@ def evaluate(
         guarded_accuracy=guarded_accuracy(flt, guard, scores, labels),
         acceptance_rate=None if h_scores is None else acceptance_rate(flt, guard, h_scores),
         ood_auroc=None if h_scores is None else ood_auroc(flt, scores, labels, h_scores),
+        guard_curve=()
+        if h_scores is None
+        else guard_curve(flt, guard, scores, labels, h_scores, alphas),
     )

@@ -36,7 +36,7 @@ class RunResult:
     bytes_downloaded: dict[str, int]
     receives_others_parameters: bool
     train_seconds: dict[str, float]
-    # --- DOCL: the Guard and the filter
+    # --- DOCL and feature statistics: the Guard and the filter
     alpha: float | None = None
     guard: str | None = None
     guarded_accuracy: float | None = None
@@ -58,6 +58,12 @@ class RunResult:
     #: Server-side images per set (test, harmless) for which the extractor fell back
     #: (faces: no face detected, the whole image used).
     feature_fallbacks: dict[str, int] = field(default_factory=dict)
+    #: Guarded accuracy and acceptance rate over a grid of alphas (same Guard rule and sides),
+    #: to compare methods at a common acceptance level.
+    guard_curve: list[dict[str, float]] = field(default_factory=list)
+    # --- feature statistics: the classifier trained on features sampled from the uploads
+    sampled_classifier_accuracy: float | None = None
+    sampled_classifier_per_class_accuracy: dict[str, float] = field(default_factory=dict)
     # --- baselines
     accuracy_curve: list[dict[str, float]] = field(default_factory=list)
     uploads_raw_images: bool = False

@@ -1,7 +1,7 @@
 """ClientApp: train on the user's own partition only and reply with one upload.
 
 The train message's spec names the task, a key of :data:`TASKS`: DOCL's one-class
-autoencoders, or a FedAvg-family classifier update.
+autoencoders, a FedAvg-family classifier update, or per-class feature statistics.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..core.classifier import SgdSpec
 from ..core.classifier import train_classifier as sgd_train
 from ..core.config import ClientSpec
 from ..core.data import ImageDataset, derive_seed
+from ..core.feature_stats import fit_class_stats
 from ..core.inputs import split_features
 from ..core.logs import setup_logging
 from ..core.model import (
@@ -182,6 +183,59 @@ def train_classifier(
     )
 
 
+def train_feature_stats(
+    content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
+) -> RecordDict:
+    """One-shot feature statistics (after FedPFT): a Gaussian (mixture) per class, uploaded once.
+
+    Per class the user owns: the statistics of its features (:class:`StatsSpec` from the
+    spec's options) and the mean and std of held-out log-likelihoods of its own images, which
+    the server's Guard uses as DOCL uses ``mu``, ``sigma``. Nothing is trained or received.
+    """
+    stats_spec = spec.stats_spec()
+    dataset, images, labels = _load(spec, node_config)
+    features = spec.features_obj()
+    arrays: dict[str, Array] = {}
+    means: list[float] = []
+    stds: list[float] = []
+    counts: list[int] = []
+    start = time.perf_counter()
+    for c in spec.assignment[user]:
+        idx = spec.training_indices(user, c, labels)
+        if idx.size == 0:
+            raise ValueError(f"user {user} holds no training image of class {c}")
+        # Only this user's rows: from the feature cache, or extracted here on the device.
+        x = split_features(dataset, features, "train", idx, images).features
+        stats = fit_class_stats(x.numpy(), stats_spec, derive_seed(spec.seed, user, c), user, c)
+        log.info(
+            "user %d class %d: %s statistics of %d images, held-out ll %.1f +- %.1f",
+            user,
+            c,
+            stats_spec.covariance,
+            len(idx),
+            stats.ll_mean,
+            stats.ll_std,
+        )
+        for name, value in stats.upload_arrays().items():
+            arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
+        means.append(stats.ll_mean)
+        stds.append(stats.ll_std)
+        counts.append(len(idx))
+    metrics = MetricRecord(
+        {
+            keys.USER_ID: user,
+            keys.CLASSES: list(spec.assignment[user]),
+            keys.LL_MEAN: means,
+            keys.LL_STD: stds,
+            keys.NUM_EXAMPLES: counts,
+            keys.TRAIN_SECONDS: time.perf_counter() - start,
+            keys.RECEIVED_ARRAYS: len(content.array_records),
+            keys.DEVICE_CUDA: 0,
+        }
+    )
+    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
+
+
 def idle(
     content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
 ) -> RecordDict:
@@ -191,7 +245,12 @@ def idle(
 
 #: The tasks a client runs, by the name a workflow's ``CLIENT_TASK`` gives: the message names
 #: one of these; nothing is imported or called by a name that arrives in a message.
-TASKS: dict[str, Task] = {"docl": train_docl, "classifier": train_classifier, "idle": idle}
+TASKS: dict[str, Task] = {
+    "docl": train_docl,
+    "classifier": train_classifier,
+    "feature_stats": train_feature_stats,
+    "idle": idle,
+}
 
 
 def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:

@@ -1,22 +1,24 @@
 """The register-once strategy: each user uploads its autoencoder(s) once; nothing goes back.
 
-Validation of an upload is a pure function (:func:`parse_upload`) so that it is testable on
-fake replies without a running Flower app.
+Validation of an upload is a pure function (:func:`parse_upload` for DOCL's autoencoders, or
+any other parse function given to the strategy, such as the feature-statistics baseline's) so
+that it is testable on fake replies without a running Flower app.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ..core.filter import Registration
 from . import keys
 from .nodes import wait_for_nodes
 from .uploads import (
@@ -32,11 +34,28 @@ from .uploads import (
 log = logging.getLogger(__name__)
 
 
+class Labelled(Protocol):
+    """What the strategy reads of a registration: its class."""
+
+    @property
+    def label(self) -> int:
+        """The class the registration is for."""
+        ...
+
+
+#: A registration: DOCL's autoencoder (:class:`Registration`) or another method's upload.
+R = TypeVar("R", bound=Labelled)
+
+#: Validation of one reply's content: ``(content, assignment) -> (user, registrations)``;
+#: raises :class:`UploadError` with the reason.
+ParseUpload = Callable[[object, Mapping[int, tuple[int, ...]]], tuple[int, Sequence[R]]]
+
+
 @dataclass
-class RegistrationOutcome:
+class RegistrationOutcome(Generic[R]):
     """What one register-once round produced."""
 
-    registrations: list[Registration] = field(default_factory=list)
+    registrations: list[R] = field(default_factory=list)
     registered: dict[int, list[int]] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     node_errors: dict[int, str] = field(default_factory=dict)
@@ -51,7 +70,7 @@ class RegistrationOutcome:
     skipped: dict[int, str] = field(default_factory=dict)
 
 
-class RegisterOnce(Strategy):
+class RegisterOnce(Strategy, Generic[R]):
     """Register-once strategy of DOCL.
 
     After Shamsabadi, Haddadi and Cavallaro, *Distributed One-Class Learning*, Sec. 2.
@@ -67,8 +86,8 @@ class RegisterOnce(Strategy):
     ----------
     assignment : mapping
         User id -> classes that user owns (one autoencoder per class).
-    rules : UploadRules
-        What a valid upload looks like.
+    rules : UploadRules or None
+        What a valid DOCL upload looks like (used by the default ``parse``).
     node_wait_s : float
         Deadline for the expected number of nodes to connect; after it the strategy goes on
         with the nodes present and reports the missing users.
@@ -89,28 +108,39 @@ class RegisterOnce(Strategy):
         exactly those nodes, and an upload that claims any other user than its node's is
         rejected, so a node can neither register nor overwrite another user's autoencoder.
         Without bindings (simulation) a node's user is the one its node config names.
+    parse : callable, optional
+        Validates one reply's content: ``parse(content, assignment)`` returns the user and its
+        registrations or raises :class:`UploadError`. Default: DOCL's :func:`parse_upload`
+        with ``rules``. The feature-statistics baseline passes its own.
     """
 
     def __init__(
         self,
         assignment: Mapping[int, tuple[int, ...]],
-        rules: UploadRules,
+        rules: UploadRules | None,
         node_wait_s: float = 120.0,
         existing_users: Collection[int] = (),
         replace_existing: bool = False,
-        on_register: Callable[[int, list[Registration], int], None] | None = None,
+        on_register: Callable[[int, list[R], int], None] | None = None,
         bindings: Mapping[int, int] | None = None,
-        vet: Callable[[Registration], None] | None = None,
+        vet: Callable[[R], None] | None = None,
+        parse: ParseUpload[R] | None = None,
     ) -> None:
         self.assignment = dict(assignment)
         self.rules = rules
+        if parse is None:
+            if rules is None:
+                raise ValueError("RegisterOnce needs DOCL's upload rules or a parse function")
+            # The default registrations are DOCL's autoencoders (R = Registration).
+            parse = cast(ParseUpload[R], functools.partial(parse_upload, rules=rules))
+        self.parse = parse
         self.node_wait_s = node_wait_s
         self.existing_users = frozenset(existing_users)
         self.replace_existing = replace_existing
         self.on_register = on_register
         self.bindings = dict(bindings) if bindings is not None else None
         self.vet = vet
-        self.outcome = RegistrationOutcome()
+        self.outcome: RegistrationOutcome[R] = RegistrationOutcome()
         self._sent: dict[int, int] = {}
         self._handled: set[str] = set()
         self._rejected: dict[int, str] = {}
@@ -204,7 +234,8 @@ class RegisterOnce(Strategy):
                     if owner is not None
                     else f"node {node} is not bound to any user"
                 )
-            user, regs = parse_upload(msg.content, self.assignment, self.rules)
+            user, parsed = self.parse(msg.content, self.assignment)
+            regs = list(parsed)
             if user in out.registered:
                 raise UploadError(f"user {user} is already registered")
             if user in self.existing_users and not self.replace_existing:

@@ -101,13 +101,15 @@ def as_float(value: object, what: str) -> float:
     return number
 
 
-def _as_list(value: object, what: str) -> list[object]:
+def as_list(value: object) -> list[object]:
+    """A metric value as a list (a scalar becomes a one-element list)."""
     if isinstance(value, list | tuple):
         return list(value)
     return [value]
 
 
-def _array(arrays: Mapping[str, object], key: str, shape: tuple[int, ...]) -> NDArray[np.float32]:
+def as_array(arrays: Mapping[str, object], key: str, shape: tuple[int, ...]) -> NDArray[np.float32]:
+    """The float32 array ``key`` of an ArrayRecord, checked: declared and real shape, dtype."""
     try:
         arr = arrays[key]
         declared = tuple(int(d) for d in getattr(arr, "shape"))  # noqa: B009
@@ -159,14 +161,13 @@ def parse_upload(
     user = as_int(values[keys.USER_ID], "user id")
     if user not in assignment:
         raise UploadError(f"user id {user} is not an expected user")
-    classes = [as_int(c, "class") for c in _as_list(values[keys.CLASSES], "classes")]
+    classes = [as_int(c, "class") for c in as_list(values[keys.CLASSES])]
     if len(set(classes)) != len(classes) or sorted(classes) != sorted(assignment[user]):
         raise UploadError(f"user {user} uploaded classes {classes}, owns {list(assignment[user])}")
-    means = [as_float(v, "err-mean") for v in _as_list(values[keys.ERR_MEAN], "err-mean")]
-    stds = [as_float(v, "err-std") for v in _as_list(values[keys.ERR_STD], "err-std")]
+    means = [as_float(v, "err-mean") for v in as_list(values[keys.ERR_MEAN])]
+    stds = [as_float(v, "err-std") for v in as_list(values[keys.ERR_STD])]
     counts = [
-        as_int(v, "num-examples", 1, MAX_EXAMPLES)
-        for v in _as_list(values[keys.NUM_EXAMPLES], "num-examples")
+        as_int(v, "num-examples", 1, MAX_EXAMPLES) for v in as_list(values[keys.NUM_EXAMPLES])
     ]
     if not len(means) == len(stds) == len(counts) == len(classes):
         raise UploadError("err-mean, err-std, num-examples and classes differ in length")
@@ -188,7 +189,7 @@ def parse_upload(
         params: dict[str, NDArray[np.float32]] = {}
         for name in PARAM_NAMES:
             key = f"{c}{keys.ARRAY_KEY_SEP}{name}"
-            value = _array(arrays, key, tuple(rules.shapes[name]))
+            value = as_array(arrays, key, tuple(rules.shapes[name]))
             if not np.isfinite(value).all():
                 raise UploadError(f"class {c} {name}: non-finite values")
             biggest = float(np.abs(value).max(initial=0.0))

@@ -29,7 +29,9 @@ def format_table(results: RunResult) -> str:
     if r.acceptance_rate is not None:
         rows.append(("acceptance rate (harmless images)", f"{r.acceptance_rate:.4f}"))
     if r.ood_auroc is not None:
-        rows.append(("OOD AUROC (min error)", f"{r.ood_auroc:.4f}"))
+        rows.append(("OOD AUROC (best score)", f"{r.ood_auroc:.4f}"))
+    if r.sampled_classifier_accuracy is not None:
+        rows.append(("sampled-feature classifier accuracy", f"{r.sampled_classifier_accuracy:.4f}"))
     rows.append(("rounds", f"{r.rounds}"))
     rows.append(("max bytes downloaded per user", f"{max(r.bytes_downloaded.values(), default=0)}"))
     rows.append(("registered users", f"{len(r.registered)}"))

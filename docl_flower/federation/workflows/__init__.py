@@ -3,7 +3,9 @@
 Every workflow runs inside the ServerApp and returns a :class:`~docl_flower.core.results.RunResult`;
 the ServerApp adds what every run shares and writes it. The ``strategy`` config group selects a
 workflow with ``_target_``; its ``CLIENT_TASK`` names the task the clients run (a key of the
-ClientApp's task registry).
+ClientApp's task registry). The baselines: FedAvg-family classifiers, a centralised reference,
+and one-shot per-class feature statistics (FedPFT-style: like DOCL, each user uploads once and
+receives nothing).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def _register_workflows() -> None:
     from ...core.registry import register
     from .baselines import Centralised, FederatedClassifier
     from .docl import Docl
+    from .feature_stats import FeatureStats
 
-    for cls in (Docl, FederatedClassifier, Centralised):
+    for cls in (Docl, FederatedClassifier, Centralised, FeatureStats):
         register("strategy", f"{cls.__module__}.{cls.__qualname__}", cls)
 
 

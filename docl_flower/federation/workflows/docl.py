@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from ...core.config import Experiment
 from ...core.filter import GlobalFilter, Registration
 from ...core.inputs import server_sets
-from ...core.metrics import evaluate
+from ...core.metrics import ALPHA_GRID, evaluate
 from ...core.model import AutoencoderSpec
 from ...core.probe import ProbeCheck, probe_set
 from ...core.results import RunResult
@@ -112,7 +112,7 @@ class Docl:
         if not regs:
             raise RuntimeError(f"no autoencoder was registered; failures: {outcome.failed}")
         flt = GlobalFilter(sorted(regs, key=lambda r: r.label), exp.scoring)
-        ev = evaluate(flt, exp.guard, x_test, y_test, harmless)
+        ev = evaluate(flt, exp.guard, x_test, y_test, harmless, ALPHA_GRID)
         return RunResult(
             method="docl",
             overall_accuracy=ev.overall_accuracy,
@@ -122,6 +122,7 @@ class Docl:
             guarded_accuracy=ev.guarded_accuracy,
             acceptance_rate=ev.acceptance_rate,
             ood_auroc=ev.ood_auroc,
+            guard_curve=list(ev.guard_curve),
             num_test_images=int(torch.isin(y_test, flt.labels).sum()),
             num_harmless_images=None if harmless is None else int(harmless.shape[0]),
             rounds=1,
