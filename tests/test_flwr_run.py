@@ -54,7 +54,7 @@ def test_plain_flwr_run_composes_the_config_and_follows_the_federation(
     out = tmp_path / "run"
     overrides = (
         f"data_root={tiny_root} dataset.verify=false dataset.harmless.verify=false "
-        "train.epochs=5 train.batch_size=16 train.min_steps=0"
+        "train.epochs=10 train.batch_size=16 train.min_steps=0"
     )
     # Execute: the default local federation of flwr 1.42 has 2 simulated nodes.
     proc = flwr(
@@ -69,8 +69,9 @@ def test_plain_flwr_run_composes_the_config_and_follows_the_federation(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["users_from_federation"] is True
+    assert results["failed"] == {}
     assert results["config"]["num_users"] == 2 and results["registered"] == [0, 1]
-    assert results["config"]["train"]["epochs"] == 5
+    assert results["config"]["train"]["epochs"] == 10
     assert (out / "experiment.yaml").is_file() and (out / "filter" / "filter.json").is_file()
     assert statuses(flwr_home) == ["finished:completed"]
 
