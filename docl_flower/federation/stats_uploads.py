@@ -20,13 +20,9 @@ from numpy.typing import NDArray
 from ..core.feature_stats import TENSOR_NAMES, ClassStats, StatsError, StatsLimits, checked_stats
 from . import keys
 from .uploads import (
-    MAX_EXAMPLES,
     UploadError,
     as_array,
-    as_float,
-    as_int,
-    as_list,
-    records,
+    read_header,
 )
 
 
@@ -63,46 +59,9 @@ def parse_stats_upload(
         :func:`~docl_flower.core.feature_stats.checked_stats` refuses. No other exception
         leaves this function.
     """
-    metrics = records(content, "metric_records").get(keys.METRICS_RECORD)
-    if not isinstance(metrics, Mapping):
-        raise UploadError(f"no MetricRecord {keys.METRICS_RECORD!r}")
-    arrays = records(content, "array_records").get(keys.ARRAYS_RECORD)
-    if not isinstance(arrays, Mapping):
-        raise UploadError(f"no ArrayRecord {keys.ARRAYS_RECORD!r}")
-    try:
-        values = {str(k): metrics[k] for k in metrics}
-        array_keys = {str(k) for k in arrays}
-    except Exception as err:
-        raise UploadError(f"unreadable records ({type(err).__name__}: {err})") from err
-    for key in (keys.USER_ID, keys.CLASSES, keys.LL_MEAN, keys.LL_STD, keys.NUM_EXAMPLES):
-        if key not in values:
-            raise UploadError(f"metric {key!r} missing")
-    user = as_int(values[keys.USER_ID], "user id")
-    if user not in assignment:
-        raise UploadError(f"user id {user} is not an expected user")
-    classes = [as_int(c, "class") for c in as_list(values[keys.CLASSES])]
-    if len(set(classes)) != len(classes) or sorted(classes) != sorted(assignment[user]):
-        raise UploadError(f"user {user} uploaded classes {classes}, owns {list(assignment[user])}")
-    means = [as_float(v, "ll-mean") for v in as_list(values[keys.LL_MEAN])]
-    stds = [as_float(v, "ll-std") for v in as_list(values[keys.LL_STD])]
-    counts = [
-        as_int(v, "num-examples", 1, MAX_EXAMPLES) for v in as_list(values[keys.NUM_EXAMPLES])
-    ]
-    if not len(means) == len(stds) == len(counts) == len(classes):
-        raise UploadError("ll-mean, ll-std, num-examples and classes differ in length")
-    if keys.TRAIN_SECONDS in values:
-        seconds = as_float(values[keys.TRAIN_SECONDS], "train-seconds")
-        if seconds < 0:
-            raise UploadError(f"train-seconds {seconds} is negative")
-    if keys.RECEIVED_ARRAYS in values:
-        as_int(values[keys.RECEIVED_ARRAYS], "received-array-records", 0)
-    if keys.DEVICE_CUDA in values:
-        as_int(values[keys.DEVICE_CUDA], "device-cuda", 0, 1)
-    expected_keys = {f"{c}{keys.ARRAY_KEY_SEP}{n}" for c in classes for n in TENSOR_NAMES}
-    if array_keys != expected_keys:
-        extra = sorted(array_keys - expected_keys)
-        missing = sorted(expected_keys - array_keys)
-        raise UploadError(f"array keys differ: missing {missing}, unexpected {extra}")
+    head = read_header(content, assignment, keys.LL_MEAN, keys.LL_STD, TENSOR_NAMES)
+    user, classes, means, stds, counts = head.user, head.classes, head.means, head.stds, head.counts
+    arrays = head.arrays
     shapes = rules.shapes()
     found = []
     for c, ll_mean, ll_std, n in zip(classes, means, stds, counts, strict=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +129,74 @@ def as_array(arrays: Mapping[str, object], key: str, shape: tuple[int, ...]) -> 
     return value
 
 
+@dataclass(frozen=True)
+class UploadHeader:
+    """The checked metrics of an upload and its arrays (not yet read)."""
+
+    user: int
+    classes: list[int]
+    means: list[float]
+    stds: list[float]
+    counts: list[int]
+    arrays: Mapping[str, object]
+
+
+def read_header(
+    content: object,
+    assignment: Mapping[int, tuple[int, ...]],
+    mean_key: str,
+    std_key: str,
+    tensor_names: Sequence[str],
+) -> UploadHeader:
+    """Check an upload's records, metrics and array names (shared by every kind of upload).
+
+    ``mean_key`` and ``std_key`` name the per-class statistics (DOCL: ``err-mean``,
+    ``err-std``); every class must come with exactly the arrays ``tensor_names``.
+    Raises :class:`UploadError` with the reason; no other exception leaves it.
+    """
+    metrics = records(content, "metric_records").get(keys.METRICS_RECORD)
+    if not isinstance(metrics, Mapping):
+        raise UploadError(f"no MetricRecord {keys.METRICS_RECORD!r}")
+    arrays = records(content, "array_records").get(keys.ARRAYS_RECORD)
+    if not isinstance(arrays, Mapping):
+        raise UploadError(f"no ArrayRecord {keys.ARRAYS_RECORD!r}")
+    try:
+        values = {str(k): metrics[k] for k in metrics}
+        array_keys = {str(k) for k in arrays}
+    except Exception as err:
+        raise UploadError(f"unreadable records ({type(err).__name__}: {err})") from err
+    for key in (keys.USER_ID, keys.CLASSES, mean_key, std_key, keys.NUM_EXAMPLES):
+        if key not in values:
+            raise UploadError(f"metric {key!r} missing")
+    user = as_int(values[keys.USER_ID], "user id")
+    if user not in assignment:
+        raise UploadError(f"user id {user} is not an expected user")
+    classes = [as_int(c, "class") for c in as_list(values[keys.CLASSES])]
+    if len(set(classes)) != len(classes) or sorted(classes) != sorted(assignment[user]):
+        raise UploadError(f"user {user} uploaded classes {classes}, owns {list(assignment[user])}")
+    means = [as_float(v, mean_key) for v in as_list(values[mean_key])]
+    stds = [as_float(v, std_key) for v in as_list(values[std_key])]
+    counts = [
+        as_int(v, "num-examples", 1, MAX_EXAMPLES) for v in as_list(values[keys.NUM_EXAMPLES])
+    ]
+    if not len(means) == len(stds) == len(counts) == len(classes):
+        raise UploadError(f"{mean_key}, {std_key}, num-examples and classes differ in length")
+    if keys.TRAIN_SECONDS in values:
+        seconds = as_float(values[keys.TRAIN_SECONDS], "train-seconds")
+        if seconds < 0:
+            raise UploadError(f"train-seconds {seconds} is negative")
+    if keys.RECEIVED_ARRAYS in values:
+        as_int(values[keys.RECEIVED_ARRAYS], "received-array-records", 0)
+    if keys.DEVICE_CUDA in values:
+        as_int(values[keys.DEVICE_CUDA], "device-cuda", 0, 1)
+    expected_keys = {f"{c}{keys.ARRAY_KEY_SEP}{n}" for c in classes for n in tensor_names}
+    if array_keys != expected_keys:
+        extra = sorted(array_keys - expected_keys)
+        missing = sorted(expected_keys - array_keys)
+        raise UploadError(f"array keys differ: missing {missing}, unexpected {extra}")
+    return UploadHeader(user, classes, means, stds, counts, arrays)
+
+
 def parse_upload(
     content: object,
     assignment: Mapping[int, tuple[int, ...]],
@@ -144,46 +212,9 @@ def parse_upload(
         or error statistics outside ``0 <= mu <= max_error`` and
         ``min_std <= sigma <= max_error``. No other exception leaves this function.
     """
-    metrics = records(content, "metric_records").get(keys.METRICS_RECORD)
-    if not isinstance(metrics, Mapping):
-        raise UploadError(f"no MetricRecord {keys.METRICS_RECORD!r}")
-    arrays = records(content, "array_records").get(keys.ARRAYS_RECORD)
-    if not isinstance(arrays, Mapping):
-        raise UploadError(f"no ArrayRecord {keys.ARRAYS_RECORD!r}")
-    try:
-        values = {str(k): metrics[k] for k in metrics}
-        array_keys = {str(k) for k in arrays}
-    except Exception as err:
-        raise UploadError(f"unreadable records ({type(err).__name__}: {err})") from err
-    for key in (keys.USER_ID, keys.CLASSES, keys.ERR_MEAN, keys.ERR_STD, keys.NUM_EXAMPLES):
-        if key not in values:
-            raise UploadError(f"metric {key!r} missing")
-    user = as_int(values[keys.USER_ID], "user id")
-    if user not in assignment:
-        raise UploadError(f"user id {user} is not an expected user")
-    classes = [as_int(c, "class") for c in as_list(values[keys.CLASSES])]
-    if len(set(classes)) != len(classes) or sorted(classes) != sorted(assignment[user]):
-        raise UploadError(f"user {user} uploaded classes {classes}, owns {list(assignment[user])}")
-    means = [as_float(v, "err-mean") for v in as_list(values[keys.ERR_MEAN])]
-    stds = [as_float(v, "err-std") for v in as_list(values[keys.ERR_STD])]
-    counts = [
-        as_int(v, "num-examples", 1, MAX_EXAMPLES) for v in as_list(values[keys.NUM_EXAMPLES])
-    ]
-    if not len(means) == len(stds) == len(counts) == len(classes):
-        raise UploadError("err-mean, err-std, num-examples and classes differ in length")
-    if keys.TRAIN_SECONDS in values:
-        seconds = as_float(values[keys.TRAIN_SECONDS], "train-seconds")
-        if seconds < 0:
-            raise UploadError(f"train-seconds {seconds} is negative")
-    if keys.RECEIVED_ARRAYS in values:
-        as_int(values[keys.RECEIVED_ARRAYS], "received-array-records", 0)
-    if keys.DEVICE_CUDA in values:
-        as_int(values[keys.DEVICE_CUDA], "device-cuda", 0, 1)
-    expected_keys = {f"{c}{keys.ARRAY_KEY_SEP}{n}" for c in classes for n in PARAM_NAMES}
-    if array_keys != expected_keys:
-        extra = sorted(array_keys - expected_keys)
-        missing = sorted(expected_keys - array_keys)
-        raise UploadError(f"array keys differ: missing {missing}, unexpected {extra}")
+    head = read_header(content, assignment, keys.ERR_MEAN, keys.ERR_STD, PARAM_NAMES)
+    user, classes, means, stds, counts = head.user, head.classes, head.means, head.stds, head.counts
+    arrays = head.arrays
     registrations = []
     for c, mu, sd, n in zip(classes, means, stds, counts, strict=True):
         params: dict[str, NDArray[np.float32]] = {}
