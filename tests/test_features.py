@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core import feature_cache
+from docl_flower.core import files
 from docl_flower.core.feature_cache import FeatureCache, array_fingerprint, default_folder
 from docl_flower.core.features import (
     EXTRACTORS,
@@ -524,7 +524,7 @@ def test_unwritable_cache_folder_falls_back_to_a_private_temp_folder(
     blocker = tmp_path / "file"
     blocker.write_text("x")
     monkeypatch.setenv("DOCL_FLOWER_CACHE", str(blocker))
-    monkeypatch.setattr(feature_cache.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(files.tempfile, "gettempdir", lambda: str(tmp_path))
     # Execute
     folder = default_folder()
     # Assert

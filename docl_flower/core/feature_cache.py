@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch
 from numpy.typing import NDArray
 
 from .features import Extraction, FeatureExtractor, extract
-from .files import atomic_write, fsync_dir, write_json_atomic
+from .files import atomic_write, cache_folder, fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +54,7 @@ CACHE_FORMAT = 1
 
 def default_folder() -> Path:
     """The feature cache folder (created; private temp-dir fallback when not writable)."""
-    env = os.environ.get("DOCL_FLOWER_CACHE")
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    try:
-        if env:
-            path = Path(env) / "features"
-        else:
-            base = Path(xdg) if xdg else Path.home() / ".cache"
-            path = base / "docl_flower" / "features"
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except (OSError, RuntimeError):  # RuntimeError: no home directory
-        path = Path(tempfile.gettempdir()) / f"docl_flower-features-{os.getuid()}"
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = path.stat()
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise RuntimeError(
-                f"feature cache: {path} belongs to another user or is writable by others; "
-                "set DOCL_FLOWER_CACHE to a private folder"
-            ) from None
-    return path
+    return cache_folder("features")
 
 
 def array_fingerprint(images: NDArray[Any]) -> str:

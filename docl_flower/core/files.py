@@ -106,3 +106,34 @@ def create_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> bool:
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
+
+
+def cache_folder(name: str) -> Path:
+    """A private cache folder of this project, created.
+
+    ``$DOCL_FLOWER_CACHE/NAME``, else ``$XDG_CACHE_HOME/docl_flower/NAME`` or
+    ``~/.cache/docl_flower/NAME``. Where that cannot be written (no home directory,
+    read-only), a folder of this user in the temp dir, mode 0700, refused if another user
+    owns it or others may write to it.
+    """
+    env = os.environ.get("DOCL_FLOWER_CACHE")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    try:
+        if env:
+            path = Path(env) / name
+        else:
+            path = (Path(xdg) if xdg else Path.home() / ".cache") / "docl_flower" / name
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except (OSError, RuntimeError):  # RuntimeError: no home directory
+        path = Path(tempfile.gettempdir()) / f"docl_flower-{name}-{os.getuid()}"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise RuntimeError(
+                f"cache folder {path} belongs to another user or is writable by others; "
+                "set DOCL_FLOWER_CACHE to a private folder"
+            ) from None
+    return path

@@ -308,6 +308,16 @@ def reference_scores(registrations: Sequence[Registration], x: torch.Tensor) -> 
 SIDES = ("two", "one")
 
 
+def _check_guard(alpha: object, sided: object) -> None:
+    """Raise ``ValueError`` unless ``alpha`` is a finite number > 0 and ``sided`` is known."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if not 0 < alpha < float("inf"):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if sided not in SIDES:
+        raise ValueError(f"sided must be one of {list(SIDES)}, got {sided!r}")
+
+
 @dataclass(frozen=True)
 class ArgminGuard:
     """The paper's Guard: look only at the best autoencoder ``i*``.
@@ -320,11 +330,7 @@ class ArgminGuard:
     sided: str = "two"
 
     def __post_init__(self) -> None:
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < float("inf"):
-            raise ValueError(f"alpha must be a finite number > 0, got {a!r}")
-        if self.sided not in SIDES:
-            raise ValueError(f"sided must be one of {list(SIDES)}, got {self.sided!r}")
+        _check_guard(self.alpha, self.sided)
 
     def block(
         self, flt: ScoredFilter, scores: torch.Tensor, uploader: torch.Tensor | int
@@ -347,11 +353,7 @@ class StrictGuard:
     sided: str = "two"
 
     def __post_init__(self) -> None:
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < float("inf"):
-            raise ValueError(f"alpha must be a finite number > 0, got {a!r}")
-        if self.sided not in SIDES:
-            raise ValueError(f"sided must be one of {list(SIDES)}, got {self.sided!r}")
+        _check_guard(self.alpha, self.sided)
 
     def block(
         self, flt: ScoredFilter, scores: torch.Tensor, uploader: torch.Tensor | int

@@ -28,12 +28,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import cache_folder
 from .install import package_file
 
 log = logging.getLogger(__name__)
@@ -113,18 +113,7 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("DOCL_FLOWER_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    try:
-        base = Path(root) if root else Path.home() / ".cache"
-        path = base / "docl_flower" / "native"
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except (OSError, RuntimeError):  # RuntimeError: no home directory
-        path = Path(tempfile.gettempdir()) / f"docl_flower-native-{os.getuid()}"
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_folder("native")
 
 
 def _compiler() -> str | None:

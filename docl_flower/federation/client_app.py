@@ -70,6 +70,31 @@ def _progress(user: int, cls: int, epochs: int) -> Callable[[int, float], None]:
     return report
 
 
+def _upload(
+    content: RecordDict,
+    spec: ClientSpec,
+    user: int,
+    arrays: dict[str, Array],
+    stats: Mapping[str, list[float]],
+    counts: list[int],
+    start: float,
+    cuda: bool,
+) -> RecordDict:
+    """The one reply of a register-once task: arrays plus per-class statistics and counts."""
+    metrics = MetricRecord(
+        {
+            keys.USER_ID: user,
+            keys.CLASSES: list(spec.assignment[user]),
+            **stats,
+            keys.NUM_EXAMPLES: counts,
+            keys.TRAIN_SECONDS: time.perf_counter() - start,
+            keys.RECEIVED_ARRAYS: len(content.array_records),
+            keys.DEVICE_CUDA: int(cuda),
+        }
+    )
+    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
+
+
 def train_docl(
     content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
 ) -> RecordDict:
@@ -131,19 +156,8 @@ def train_docl(
         means.append(mu)
         stds.append(sd)
         counts.append(len(idx))
-    metrics = MetricRecord(
-        {
-            keys.USER_ID: user,
-            keys.CLASSES: list(spec.assignment[user]),
-            keys.ERR_MEAN: means,
-            keys.ERR_STD: stds,
-            keys.NUM_EXAMPLES: counts,
-            keys.TRAIN_SECONDS: time.perf_counter() - start,
-            keys.RECEIVED_ARRAYS: len(content.array_records),
-            keys.DEVICE_CUDA: int(device.type == "cuda"),
-        }
-    )
-    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
+    stats = {keys.ERR_MEAN: means, keys.ERR_STD: stds}
+    return _upload(content, spec, user, arrays, stats, counts, start, device.type == "cuda")
 
 
 def train_classifier(
@@ -221,19 +235,8 @@ def train_feature_stats(
         means.append(stats.ll_mean)
         stds.append(stats.ll_std)
         counts.append(len(idx))
-    metrics = MetricRecord(
-        {
-            keys.USER_ID: user,
-            keys.CLASSES: list(spec.assignment[user]),
-            keys.LL_MEAN: means,
-            keys.LL_STD: stds,
-            keys.NUM_EXAMPLES: counts,
-            keys.TRAIN_SECONDS: time.perf_counter() - start,
-            keys.RECEIVED_ARRAYS: len(content.array_records),
-            keys.DEVICE_CUDA: 0,
-        }
-    )
-    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
+    ll_stats = {keys.LL_MEAN: means, keys.LL_STD: stds}
+    return _upload(content, spec, user, arrays, ll_stats, counts, start, cuda=False)
 
 
 def idle(

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -68,6 +68,25 @@ class RegistrationOutcome(Generic[R]):
     unbound_nodes: list[int] = field(default_factory=list)
     registered_at: dict[int, float] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)
+
+    def result_fields(self) -> dict[str, Any]:
+        """The per-user part of a :class:`~docl_flower.core.results.RunResult` (JSON keys)."""
+        return {
+            "rounds": 1,
+            "registered": sorted(self.registered),
+            "registered_classes": {str(u): c for u, c in sorted(self.registered.items())},
+            "failed": {str(u): r for u, r in sorted(self.failed.items())},
+            "node_errors": {str(n): r for n, r in self.node_errors.items()},
+            "unbound_nodes": self.unbound_nodes,
+            "bytes_uploaded": {str(u): b for u, b in sorted(self.bytes_uploaded.items())},
+            "bytes_downloaded": {str(u): b for u, b in sorted(self.bytes_downloaded.items())},
+            "received_array_records": {
+                str(u): n for u, n in sorted(self.received_array_records.items())
+            },
+            "receives_others_parameters": False,
+            "train_seconds": {str(u): s for u, s in sorted(self.train_seconds.items())},
+            "trained_on_cuda": {str(u): c for u, c in sorted(self.cuda.items())},
+        }
 
 
 class RegisterOnce(Strategy, Generic[R]):

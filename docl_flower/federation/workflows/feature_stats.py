@@ -166,20 +166,7 @@ class FeatureStats:
             sampled_classifier_per_class_accuracy={str(k): v for k, v in sampled_per_class.items()},
             num_test_images=int(torch.isin(y_test, flt.labels).sum()),
             num_harmless_images=None if harmless is None else int(harmless.shape[0]),
-            rounds=1,
-            registered=sorted(outcome.registered),
-            registered_classes={str(u): c for u, c in sorted(outcome.registered.items())},
-            failed={str(u): r for u, r in sorted(outcome.failed.items())},
-            node_errors={str(n): r for n, r in outcome.node_errors.items()},
             bindings_enforced=bindings is not None,
-            unbound_nodes=outcome.unbound_nodes,
-            bytes_uploaded={str(u): b for u, b in sorted(outcome.bytes_uploaded.items())},
-            bytes_downloaded={str(u): b for u, b in sorted(outcome.bytes_downloaded.items())},
-            received_array_records={
-                str(u): n for u, n in sorted(outcome.received_array_records.items())
-            },
-            receives_others_parameters=False,
-            train_seconds={str(u): s for u, s in sorted(outcome.train_seconds.items())},
-            trained_on_cuda={str(u): c for u, c in sorted(outcome.cuda.items())},
+            **outcome.result_fields(),
             feature_fallbacks=sets.fallbacks,
         )
