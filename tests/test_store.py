@@ -82,7 +82,7 @@ def test_saved_filter_round_trips_with_metadata(tmp_path):
         assert content_hash(a.params) == content_hash(b.params)
     assert meta["entries"][1]["node_id"] == 42 and meta["config"] == CONFIG
     assert [e["user_id"] for e in meta["entries"]] == [0, 1, 2]
-    assert meta["format"] == 2 and set(meta["integrity"]) == {"sha256", "hmac_sha256", "key_id"}
+    assert meta["format"] == 3 and set(meta["integrity"]) == {"sha256", "hmac_sha256", "key_id"}
 
 
 def test_the_first_save_creates_a_private_key(tmp_path, filter_key):
@@ -105,7 +105,7 @@ def test_the_key_defaults_to_the_user_config_folder(tmp_path, monkeypatch):
 def test_an_empty_filter_and_history_round_trip(tmp_path):
     save_filter(tmp_path / "f", [], info={"config": CONFIG})
     regs, meta = load_filter(tmp_path / "f")
-    assert regs == [] and meta["tensors"] is None and load_history(tmp_path / "f", meta) == []
+    assert regs == [] and meta["tensors"] == [] and load_history(tmp_path / "f", meta) == []
     assert sorted(_files(tmp_path / "f")) == [META_FILE]
 
 
@@ -252,7 +252,7 @@ def test_a_changed_tensor_with_updated_hashes_fails_the_hmac_then_the_content_ha
     _saved(tmp_path)
     path = _flip_a_tensor_byte(tmp_path)
     meta = _meta(tmp_path)
-    meta["tensors"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta["tensors"][-1]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     _write_meta(tmp_path, meta, redigest=True)
     with pytest.raises(ValueError, match="HMAC"):
         load_filter(tmp_path)
@@ -411,7 +411,7 @@ def test_a_forged_tensors_file_with_recomputed_hashes_is_refused_without_the_key
     assert path is not None
     path.write_bytes(b"not a safetensors file")
     meta = _meta(tmp_path)
-    meta["tensors"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta["tensors"][-1]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     _write_meta(tmp_path, meta, redigest=True)
     with pytest.raises(ValueError, match="unreadable"):
         load_filter(tmp_path, verify_key=False)

@@ -27,7 +27,7 @@ from docl_flower.core.store import (
     PersistentFilter,
     content_hash,
     load_filter,
-    tensors_file,
+    segment_files,
 )
 
 from .conftest import PROJECT_ROOT, random_registration
@@ -158,10 +158,10 @@ def _assert_every_crash_leaves_old_or_new(
         store.register(50, [random_registration(rng, 50, 5)], [{}])
         regs, _ = load_filter(case / "filter")
         assert [r.user_id for r in regs] == [u for u, _ in state[0]] + [50]
-        tensors = tensors_file(case / "filter")
-        assert tensors is not None
+        segments = segment_files(case / "filter")
+        assert segments
         assert sorted(p.name for p in (case / "filter").iterdir()) == sorted(
-            [META_FILE, tensors.name]
+            [META_FILE, *(p.name for p in segments)]
         )
     # The commit point lies inside the save: some crashes keep the old filter, later ones
     # (after the commit, before the clean-up) leave the new one.

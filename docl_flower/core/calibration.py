@@ -7,6 +7,10 @@ the interval. The ``heldout`` calibration estimates the errors of unseen photos 
 device: k-fold (leave-one-out by default) autoencoders, each scored on the images it did not
 see; the uploaded autoencoder is then trained on all images. Nothing but ``mu``, ``sigma``
 and the final autoencoder leaves the device.
+
+With differential privacy (``train.dp.epsilon``), :mod:`.dp` trains with DP-SGD and releases
+``mu``, ``sigma`` of the training errors through a Gaussian mechanism; the held-out
+calibration is not used then (its fold models would spend budget too).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from .data import derive_seed
+from .dp import PrivacySpent, train_and_release
 from .model import (
     Autoencoder,
     AutoencoderSpec,
@@ -42,11 +47,15 @@ class Calibrated:
     err_std: float
     method: str
     folds: int
+    #: What the upload spent of its privacy budget (``None`` without differential privacy).
+    privacy: PrivacySpent | None = None
 
 
 def method_for(train_spec: TrainSpec, num_examples: int) -> str:
     """``"train"`` or ``"heldout"``: what ``train_spec.calibration`` means for this user."""
     method = train_spec.calibration
+    if method == "auto" and train_spec.dp.enabled:
+        return "train"  # the held-out folds would spend privacy budget (see TrainSpec)
     if method == "auto":
         method = "heldout" if num_examples < train_spec.heldout_below else "train"
     if method == "heldout" and num_examples < 2:
@@ -66,6 +75,9 @@ def train_and_calibrate(
     """Train the autoencoder on all of ``x`` and estimate ``mu``, ``sigma`` as configured."""
     n = int(x.shape[0])
     method = method_for(train_spec, n)
+    if train_spec.dp.enabled:
+        fit = train_and_release(x, model_spec, train_spec, seed, device, on_epoch=on_epoch)
+        return Calibrated(fit.model, fit.report, fit.err_mean, fit.err_std, method, 0, fit.spent)
     model, report = train_autoencoder(x, model_spec, train_spec, seed, device, on_epoch=on_epoch)
     if method == "train":
         mu, sd = error_stats(reconstruction_errors(model, x))

@@ -69,16 +69,41 @@ class ClientOptionsSpec(Protocol):
         ...
 
 
+#: ``HOST:PORT`` of a Ray head: a host name or IPv4 address and a port.
+_RAY_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*:[0-9]{1,5}")
+
+
 @dataclass(frozen=True)
 class SimulationSpec:
-    """Ray simulation resources per client (``num_gpus > 0`` puts clients on the GPU)."""
+    """Ray simulation resources per client (``num_gpus > 0`` puts clients on the GPU).
+
+    ``ray_address``: the Ray cluster the simulation runs on. ``None`` (default): Ray's rule,
+    ``RAY_ADDRESS`` if set, else a new local Ray instance; ``"local"``: always a new local
+    instance; ``"auto"``: the cluster started on this machine with ``ray start --head``;
+    ``"HOST:PORT"``: the cluster whose head (GCS) listens there.
+
+    ``send_window``: at most this many messages wait in the SuperLink at once (0: all at
+    once); ``None``: 4 per client slot of this machine, 64 on a joined cluster.
+    """
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    ray_address: str | None = None
+    send_window: int | None = None
 
     def __post_init__(self) -> None:
         check_number("num_cpus", self.num_cpus, above=0.0)
         check_number("num_gpus", self.num_gpus, minimum=0.0)
+        if self.send_window is not None:
+            check_int("send_window", self.send_window, minimum=0)
+        address = self.ray_address
+        if address is not None and not (
+            isinstance(address, str)
+            and (address in ("auto", "local") or _RAY_ADDRESS.fullmatch(address))
+        ):
+            raise ValueError(
+                f"ray_address must be null, 'auto', 'local' or HOST:PORT, got {address!r}"
+            )
 
 
 def _container(node: object) -> Mapping[str, object]:
@@ -525,7 +550,7 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
         assignment={u: list(cs) for u, cs in assignment.items()},
         fraction={int(k): float(v) for k, v in partition.fraction.items()},
         extra_classes={int(k): [int(c) for c in v] for k, v in partition.extra_classes.items()},
-        shards=len(assignment) if partition.iid else 0,
+        shards=partition.shards,
         task=str(workflow.CLIENT_TASK),
         options=workflow.client_options() if isinstance(workflow, ClientOptionsSpec) else {},
     )

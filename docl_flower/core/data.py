@@ -121,6 +121,33 @@ class ImageDataset(Protocol):
         ...
 
 
+#: Splits kept in memory by :func:`load_cached` (a process trains one user after another).
+_LOADED: dict[tuple[str, str, str], tuple[NDArray[np.uint8], NDArray[np.int64]]] = {}
+_LOADED_MAX = 2
+
+
+def load_cached(dataset: ImageDataset, split: Split) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+    """``dataset.load(split)``, kept for the next call of this process while its files are the same.
+
+    A simulated client process (a Ray actor) trains many users one after another; decoding the
+    whole split again for each of them cost as much as training one user of 60 MNIST images.
+    The key is the data set's content fingerprint, so a changed file is read again. The
+    arrays are returned read-only (they are shared by every later caller); at most
+    ``_LOADED_MAX`` splits are kept.
+    """
+    key = (type(dataset).__qualname__, dataset.fingerprint(), split)
+    hit = _LOADED.pop(key, None)
+    if hit is None:
+        images, labels = dataset.load(split)
+        images.flags.writeable = False
+        labels.flags.writeable = False
+        hit = (images, labels)
+    _LOADED[key] = hit  # most recently used last
+    while len(_LOADED) > _LOADED_MAX:
+        _LOADED.pop(next(iter(_LOADED)))
+    return hit
+
+
 # ---------------------------------------------------------------------------- hashing
 
 
@@ -845,6 +872,11 @@ class Partition:
     ``1/num_users`` share of every class). For the adversary experiments, ``extra_classes`` maps a user id to classes whose training
     images that user also trains on (an adversary with access to a victim's images), and
     ``shared_classes`` lets several users claim the same class.
+
+    ``users_per_class = k > 1`` (see :func:`users_per_class_partition`): users ``c*k ...
+    c*k + k - 1`` share class ``c``'s images, each holding a disjoint shard (of ``k`` shards,
+    or of ``class_shards`` when set: then shards ``k ...`` belong to nobody); the test images of
+    the class are sharded the same way, so that they have owners (:func:`owner_shards`).
     """
 
     num_users: int = 10
@@ -854,6 +886,22 @@ class Partition:
     extra_classes: Mapping[int, Sequence[int]] = field(default_factory=dict)
     shared_classes: bool = False
     iid: bool = False
+    users_per_class: int = 1
+    class_shards: int = 0
+
+    @property
+    def shards(self) -> int:
+        """Disjoint shards per class (0: a user holds its whole class)."""
+        if self.iid:
+            return self.num_users
+        if self.class_shards:
+            return self.class_shards
+        return self.users_per_class if self.users_per_class > 1 else 0
+
+    @property
+    def sharded_classes(self) -> bool:
+        """Users hold shards of their class, and so do the test images (they have owners)."""
+        return not self.iid and self.shards > 0
 
     def assignment(self, num_classes: int) -> dict[int, tuple[int, ...]]:
         """Map each user id to the tuple of classes it owns; validate the layout."""
@@ -881,6 +929,8 @@ class Partition:
                 )
             k = self.classes_per_user
             table = {u: tuple(range(u * k, (u + 1) * k)) for u in range(self.num_users)}
+        if self.users_per_class > 1 or self.class_shards:
+            self._check_users_per_class(table)
         seen: set[int] = set()
         for user, classes in table.items():
             if not classes:
@@ -903,6 +953,24 @@ class Partition:
             if int(user) not in table or not 0.0 < float(frac) <= 1.0:
                 raise ValueError(f"fraction: user {user} -> {frac} (need a known user, 0 < f <= 1)")
         return table
+
+    def _check_users_per_class(self, table: Mapping[int, tuple[int, ...]]) -> None:
+        """User ``u`` must hold shard ``u % k`` of one class shared with users of the same block."""
+        k = _check_int("users_per_class", self.users_per_class, 1)
+        shards = _check_int("class_shards", self.class_shards, 0)
+        if shards and shards < k:
+            raise ValueError(f"class_shards={shards} must be 0 or >= users_per_class={k}")
+        if self.iid or self.fraction or self.extra_classes:
+            raise ValueError("users_per_class > 1 excludes iid, fraction and extra_classes")
+        if len(table) % k:
+            raise ValueError(f"num_users={len(table)} is not a multiple of users_per_class={k}")
+        for user, classes in table.items():
+            block = table[user - user % k]
+            if len(classes) != 1 or classes != block:
+                raise ValueError(
+                    f"users_per_class={k}: user {user} must own the one class of users "
+                    f"{user - user % k}..{user - user % k + k - 1}, got {list(classes)}"
+                )
 
 
 def class_indices(
@@ -981,6 +1049,66 @@ def user_class_indices(
     return idx
 
 
+def users_per_class_partition(
+    users_per_class: int = 100,
+    num_classes: int = 10,
+    classes: Sequence[int] | None = None,
+    class_shards: int = 0,
+) -> Partition:
+    """Many users per class: ``users_per_class`` users share each class, a disjoint shard each.
+
+    User ``u`` owns class ``classes[u // users_per_class]`` and holds shard
+    ``u % users_per_class`` of its training images (about ``n_c / users_per_class`` images; MNIST
+    with 100 users per class: 1,000 users of about 60 images). The class's test images are
+    sharded the same way: each has an owner, so that a run measures owner accuracy (the best
+    autoencoder is the image's owner's) next to class accuracy.
+
+    Parameters
+    ----------
+    users_per_class : int
+        Users sharing each class (>= 1).
+    num_classes : int
+        The data set's classes.
+    classes : sequence of int, optional
+        The classes to share out (default: all ``num_classes``).
+    class_shards : int
+        Cut each class into this many shards instead of ``users_per_class`` (0): users keep
+        their shard's size whatever their number (the scale benchmark: 10, 100 or 1,000
+        users of about 60 MNIST images each, with ``class_shards=100``).
+    """
+    k = _check_int("users_per_class", users_per_class, 1)
+    n = _check_int("num_classes", num_classes, 1)
+    chosen = list(range(n)) if classes is None else [int(c) for c in classes]
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"classes must be distinct and non-empty, got {chosen}")
+    return Partition(
+        num_users=len(chosen) * k,
+        user_classes=[[c] for c in chosen for _ in range(k)],
+        shared_classes=k > 1,
+        users_per_class=k,
+        class_shards=_check_int("class_shards", class_shards, 0),
+    )
+
+
+def owner_shards(
+    labels: NDArray[np.int64],
+    assignment: Mapping[int, Sequence[int]],
+    shards: int,
+    seed: int,
+) -> NDArray[np.int64]:
+    """The owner (user id) of every image of a split, ``-1`` where no user owns it.
+
+    A class held by one user is that user's; a class sharded between ``shards`` users gives
+    each image to the user holding its shard (the same split as the training images: see
+    :func:`user_class_indices`). Images of classes nobody registered have no owner.
+    """
+    owners = np.full(labels.shape[0], -1, dtype=np.int64)
+    for user, classes in assignment.items():
+        for cls in classes:
+            owners[user_class_indices(labels, int(cls), int(user), seed=seed, shards=shards)] = user
+    return owners
+
+
 def random_classes_partition(
     num_users: int = 10, num_classes: int = 40, draw_seed: int = 0
 ) -> Partition:
@@ -1020,4 +1148,5 @@ PARTITIONS: dict[str, Callable[..., Partition]] = {
     "docl_flower.core.data.adversary_partition": adversary_partition,
     "docl_flower.core.data.imbalance_partition": imbalance_partition,
     "docl_flower.core.data.random_classes_partition": random_classes_partition,
+    "docl_flower.core.data.users_per_class_partition": users_per_class_partition,
 }

@@ -56,6 +56,35 @@ def guarded_accuracy(
     return float((blocked & correct).double().mean())
 
 
+def owner_accuracy(flt: ScoredFilter, scores: torch.Tensor, owners: torch.Tensor) -> float:
+    """Fraction of owned test images whose ``i*`` belongs to the image's owner.
+
+    ``owners`` holds a user id per image, ``-1`` where the image has no owner. With one user per
+    class this equals the overall accuracy; with many users per class it asks more: the
+    autoencoder of the very user whose images these are.
+    """
+    mask = owners >= 0
+    if not bool(mask.any()):
+        raise ValueError("no test image has an owner")
+    idx, _ = flt.predict(scores[mask])
+    return float((flt.owners[idx] == owners[mask]).double().mean())
+
+
+def owner_guarded_accuracy(
+    flt: ScoredFilter, guard: Guard, scores: torch.Tensor, owners: torch.Tensor
+) -> float:
+    """Fraction of owned test images, uploaded by an outsider, blocked with the owner's ``i*``.
+
+    The Guard decides by owner: the image counts as protected only when the best autoencoder
+    is its owner's and its error lies in that autoencoder's interval.
+    """
+    mask = owners >= 0
+    s, o = scores[mask], owners[mask]
+    blocked = guard.block(flt, s, OUTSIDER)
+    idx, _ = flt.predict(s)
+    return float((blocked & (flt.owners[idx] == o)).double().mean())
+
+
 def acceptance_rate(flt: ScoredFilter, guard: Guard, harmless_scores: torch.Tensor) -> float:
     """Fraction of harmless images (no registered class) that the Guard shares."""
     blocked = guard.block(flt, harmless_scores, OUTSIDER)
@@ -106,6 +135,10 @@ class Evaluation:
     ood_auroc: float | None
     #: Guarded accuracy and acceptance rate per alpha of the sweep (same Guard rule and sides).
     guard_curve: tuple[dict[str, float], ...] = ()
+    #: With test images that have owners (many users per class): ``i*`` is the owner's, and
+    #: that plus blocked (see :func:`owner_accuracy`, :func:`owner_guarded_accuracy`).
+    owner_accuracy: float | None = None
+    owner_guarded_accuracy: float | None = None
 
 
 def guard_curve(
@@ -145,15 +178,25 @@ def evaluate(
     labels: torch.Tensor,
     harmless: torch.Tensor | None,
     alphas: Sequence[float] = (),
+    owners: torch.Tensor | None = None,
 ) -> Evaluation:
     """Score the test images (and harmless images, when given) once and compute every metric.
 
     With ``alphas`` (and harmless images), the Guard's rule is also evaluated at each alpha
-    (:attr:`Evaluation.guard_curve`), from the same scores.
+    (:attr:`Evaluation.guard_curve`), from the same scores. With ``owners`` (a user id per test
+    image, ``-1`` for none), owner accuracy and owner-guarded accuracy too.
     """
     scores = flt.scores(features)
     h_scores = flt.scores(harmless) if harmless is not None else None
+    by_owner: tuple[float | None, float | None] = (None, None)
+    if owners is not None and bool((owners >= 0).any()):
+        by_owner = (
+            owner_accuracy(flt, scores, owners),
+            owner_guarded_accuracy(flt, guard, scores, owners),
+        )
     return Evaluation(
+        owner_accuracy=by_owner[0],
+        owner_guarded_accuracy=by_owner[1],
         overall_accuracy=overall_accuracy(flt, scores, labels),
         per_class_accuracy=per_class_accuracy(flt, scores, labels),
         alpha=float(guard.alpha),

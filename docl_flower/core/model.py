@@ -14,11 +14,14 @@ import numbers
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .dp import DpSpec
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,10 @@ class TrainSpec:
     folds, at most one per image; 0 = leave-one-out), then trains the uploaded autoencoder
     on all images;
     ``"auto"`` uses ``"heldout"`` for a user with fewer than ``heldout_below`` images.
+
+    ``dp``: differential privacy of the upload (:class:`~.dp.DpSpec`, from the ``dp:``
+    mapping of the config); off unless ``dp.epsilon`` is set. With it, ``"auto"`` means
+    ``"train"`` and ``"heldout"`` is refused (see :mod:`.dp`).
     """
 
     epochs: int = 100
@@ -191,6 +198,7 @@ class TrainSpec:
     calibration: str = "train"
     folds: int = 5
     heldout_below: int = 50
+    dp: DpSpec = field(default_factory=lambda: _dp_from_config(None))
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
@@ -206,6 +214,12 @@ class TrainSpec:
         check_node("optimizer", self.optimizer)
         check_node("scheduler", self.scheduler, optional=True)
         check_node("augment", self.augment, optional=True)
+        object.__setattr__(self, "dp", _dp_from_config(self.dp))
+        if self.dp.enabled and self.calibration == "heldout":
+            raise ValueError(
+                "calibration: 'heldout' is not available with dp.epsilon set (each of its k "
+                "fold models would spend privacy budget); use 'train' or 'auto'"
+            )
 
     def epochs_for(self, num_examples: int) -> int:
         """Epochs to run: ``epochs``, or more when that gives fewer than ``min_steps`` updates.
@@ -214,6 +228,12 @@ class TrainSpec:
         """
         steps_per_epoch = math.ceil(num_examples / self.batch_size)
         return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
+
+
+def _dp_from_config(value: object) -> DpSpec:
+    from .dp import dp_from_config  # the dp module imports this one
+
+    return dp_from_config(value)
 
 
 class Autoencoder(nn.Module):
@@ -348,6 +368,11 @@ def train_autoencoder(
     """
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"need a non-empty (n, D) feature matrix, got shape {tuple(x.shape)}")
+    if train_spec.dp.enabled:
+        raise ValueError(
+            "train_autoencoder trains without differential privacy; with dp.epsilon set use "
+            "calibration.train_and_calibrate (DP-SGD and a private mu, sigma)"
+        )
     if train_spec.num_threads > 0:
         torch.set_num_threads(train_spec.num_threads)
     device = torch.device(device)

@@ -52,6 +52,9 @@ class RunResult:
     unbound_nodes: list[int] = field(default_factory=list)
     received_array_records: dict[str, int] = field(default_factory=dict)
     trained_on_cuda: dict[str, bool] = field(default_factory=dict)
+    #: Differential privacy per user (``train.dp``): ``{"epsilon", "delta", "noise_multiplier"}``
+    #: that user's upload spent, as its client reported; empty when DP is off.
+    dp: dict[str, dict[str, float]] = field(default_factory=dict)
     filter_path: str | None = None
     #: The scoring path the ServerApp's filter used (``native`` or ``torch``).
     scoring_kernel: str | None = None
@@ -61,12 +64,23 @@ class RunResult:
     #: Guarded accuracy and acceptance rate over a grid of alphas (same Guard rule and sides),
     #: to compare methods at a common acceptance level.
     guard_curve: list[dict[str, float]] = field(default_factory=list)
+    #: Many users per class: ``i*`` belongs to the test image's owner (and, guarded: blocked
+    #: too); ``None`` where test images have no owners (one user per class: owner = class).
+    owner_accuracy: float | None = None
+    owner_guarded_accuracy: float | None = None
+    #: Where the ServerApp's time went (seconds): ``setup`` (test sets, filter, probe),
+    #: ``wait_for_nodes``, ``registration`` (first message to last reply),
+    #: ``server_handling`` (validating, checking and saving replies, within registration),
+    #: ``after_last_reply``, ``evaluation``.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     # --- feature statistics: the classifier trained on features sampled from the uploads
     sampled_classifier_accuracy: float | None = None
     sampled_classifier_per_class_accuracy: dict[str, float] = field(default_factory=dict)
     # --- baselines
     accuracy_curve: list[dict[str, float]] = field(default_factory=list)
     uploads_raw_images: bool = False
+    #: The Ray cluster of a simulation (``gcs_address``, ``alive_nodes``, ``cpus``, ``gpus``).
+    ray_cluster: dict[str, Any] | None = None
     #: ``num_users`` was taken from the federation's node count (``flwr run .``), not the config.
     users_from_federation: bool = False
     # --- added by the ServerApp and by ``docl-flower``

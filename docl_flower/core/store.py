@@ -1,24 +1,35 @@
 """Save and load a global filter as one atomic, integrity-checked unit (no Flower).
 
-Layout of ``PATH`` (a folder), format 2
+Layout of ``PATH`` (a folder), format 3
 ---------------------------------------
-- ``autoencoders-<sha256>.safetensors``: every autoencoder's four float32 tensors, named
+- ``autoencoders-<sha256>.safetensors`` (one or more *segments*): float32 tensors named
   ``"{key}/encoder.weight"``, ``"{key}/encoder.bias"``, ``"{key}/decoder.weight"``,
-  ``"{key}/decoder.bias"``. The file is named by the SHA-256 of its bytes, so a save never
+  ``"{key}/decoder.bias"``. A file is named by the SHA-256 of its bytes, so a save never
   overwrites the tensors the current ``filter.json`` points to. The ``key`` of a registration
   is ``"u{user_id}/c{label}/{content hash}"`` (:func:`registration_key`): it does not depend on
   the position in the filter, so it stays the same when other users join or leave.
-- ``filter.json``: ``{"format": 2, "tensors": {"file", "sha256"}, "entries": [...],
-  "history": [...], <info, e.g. "config">, "integrity": {...}}``. Each entry holds ``key``,
-  ``user_id``, ``label``, ``err_mean``, ``err_std``, ``num_examples``, ``sha256`` (the
-  :func:`content_hash` of its four tensors) and free metadata (``node_id``, ``trained_on``,
-  ...). ``tensors`` is null for a filter without any autoencoder.
+- ``filter.json``: ``{"format": 3, "tensors": [{"file", "sha256", "keys"}, ...], "entries":
+  [...], "history": [...], <info, e.g. "config">, "integrity": {...}}``. Each entry holds
+  ``key``, ``user_id``, ``label``, ``err_mean``, ``err_std``, ``num_examples``, ``sha256``
+  (the :func:`content_hash` of its four tensors) and free metadata (``node_id``,
+  ``trained_on``, ...). ``tensors`` lists the segments with the keys each holds (empty for a
+  filter without any autoencoder).
+
+Growing one registration at a time
+----------------------------------
+A :class:`PersistentFilter` saves after every registration. Rewriting every autoencoder each
+time would write O(N^2) bytes (1,000 MNIST users: about 100 GB); instead a save keeps the
+segments of the filter it loaded or last saved and writes only the new autoencoders into a new
+segment, merged like a binary counter (a new segment absorbs the newest old ones while they are
+not larger), so a filter of N autoencoders has at most about log2(N) + 1 segments and N
+registrations write O(N log N) bytes. :func:`save_filter` without ``reuse`` writes one segment.
+Format 2 filters (one tensors file, ``"tensors": {"file", "sha256"}``) are read as one segment.
 
 One atomic unit
 ---------------
-A save (:func:`save_filter`) writes the new tensors file (temporary name, fsync, rename, fsync
+A save (:func:`save_filter`) writes the new segment (temporary name, fsync, rename, fsync
 of the folder), then replaces ``filter.json`` the same way: that rename is the commit point.
-Only then are tensor files that ``filter.json`` no longer names (and temporary files left by an
+Only then are segments that ``filter.json`` no longer names (and temporary files left by an
 interrupted save) deleted. A crash at any point leaves the old filter or the new one, plus at
 most a harmless unreferenced file that the next save removes. The first save of a folder
 commits an empty ``filter.json`` before writing any tensors, so a tensors file never lies in a
@@ -30,8 +41,8 @@ Integrity
 ---------
 Everything that decides a block is covered: user id, class, ``err_mean``, ``err_std``,
 ``num_examples`` and order of every entry (and of the history), the filter-wide info (the run's
-``config``: feature extractor and its scaling, guard, ...), and, through the SHA-256 of the
-tensors file and each entry's content hash, every tensor. The canonical serialisation of
+``config``: feature extractor and its scaling, guard, ...), and, through the SHA-256 of each
+segment and each entry's content hash, every tensor. The canonical serialisation of
 ``filter.json`` without its ``integrity`` block (JSON, sorted keys, no spaces, UTF-8) is
 
 (a) always hashed (``integrity.sha256``): catches accidents (truncation, a stray edit);
@@ -44,8 +55,8 @@ if set, else ``$XDG_CONFIG_HOME/docl-flower/filter.key``, else
 bytes, mode 0600) when missing by :func:`save_filter` and when a :class:`PersistentFilter` is
 opened (so that a run fails before training, not at its first registration). Every save signs.
 
-On load (:func:`load_filter`), the digest, the HMAC, the tensors file's SHA-256 and every
-entry's content hash are checked; any failure raises a :class:`ValueError` that says which.
+On load (:func:`load_filter`), the digest, the HMAC, every segment's SHA-256 and keys, and
+every entry's content hash are checked; any failure raises a :class:`ValueError` that says which.
 A filter whose key file is missing here, that was signed with another key, or that carries no
 HMAC is refused unless the caller passes ``verify_key=False``: then only the unkeyed checks (a)
 run, e.g. to read a filter copied from another machine whose origin one trusts.
@@ -66,12 +77,16 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import mmap
 import os
 import re
 import secrets
 import stat
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +101,9 @@ from .model import PARAM_NAMES
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Formats this version reads (2: one tensors file).
+READABLE_FORMATS = (2, 3)
 META_FILE = "filter.json"
 #: Tensor files are named ``TENSORS_PREFIX + sha256 + TENSORS_SUFFIX`` (:func:`tensors_file`).
 TENSORS_PREFIX = "autoencoders-"
@@ -114,8 +131,8 @@ ENTRY_KEYS = frozenset({"key", "user_id", "label", "err_mean", "err_std", "num_e
 def content_hash(params: Mapping[str, NDArray[np.float32]]) -> str:
     """SHA-256 of one autoencoder's tensors (raw float32 bytes, in :data:`PARAM_NAMES` order)."""
     digest = hashlib.sha256()
-    for name in PARAM_NAMES:
-        digest.update(np.ascontiguousarray(params[name], dtype=np.float32).tobytes())
+    for name in PARAM_NAMES:  # the array's own buffer: no copy of its bytes
+        digest.update(np.ascontiguousarray(params[name], dtype=np.float32).data)
     return digest.hexdigest()
 
 
@@ -124,14 +141,44 @@ def registration_key(user_id: int, label: int, sha256: str) -> str:
     return f"u{user_id}/c{label}/{sha256}"
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One tensors file of a saved filter: its name, SHA-256 and the registration keys it holds."""
+
+    file: str
+    sha256: str
+    keys: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The segment's record in ``filter.json``."""
+        return {"file": self.file, "sha256": self.sha256, "keys": list(self.keys)}
+
+
+def _segment_refs(meta: Mapping[str, Any]) -> list[Any]:
+    """The raw segment records of ``meta`` (format 2: its one tensors file; none: empty)."""
+    ref = meta.get("tensors")
+    if ref is None:
+        return []
+    if isinstance(ref, dict):  # format 2
+        return [ref]
+    if not isinstance(ref, list):
+        raise ValueError(f"{META_FILE}: 'tensors' is neither a list of segments nor null")
+    return ref
+
+
+def segment_files(folder: Path) -> list[Path]:
+    """Every tensors file that ``folder``'s ``filter.json`` names, oldest first (not verified)."""
+    return [folder / str(ref["file"]) for ref in _segment_refs(_read_meta(folder))]
+
+
 def tensors_file(folder: Path) -> Path | None:
-    """The tensors file that ``folder``'s ``filter.json`` names (not verified), or None.
+    """The newest tensors file that ``folder``'s ``filter.json`` names (not verified), or None.
 
     None when the filter holds no autoencoder. Raises like :func:`load_filter` when there is
     no readable ``filter.json``.
     """
-    ref = _read_meta(folder).get("tensors")
-    return folder / str(ref["file"]) if isinstance(ref, dict) else None
+    refs = _segment_refs(_read_meta(folder))
+    return folder / str(refs[-1]["file"]) if refs else None
 
 
 def canonical(payload: Mapping[str, Any]) -> bytes:
@@ -220,11 +267,18 @@ def ensure_filter_key(path: Path | None = None) -> bytes:
 # ---------------------------------------------------------------- saving
 
 
-def _entry(reg: Registration, extra: Mapping[str, Any]) -> dict[str, Any]:
+def _entry(
+    reg: Registration, extra: Mapping[str, Any], digests: dict[int, str] | None = None
+) -> dict[str, Any]:
+    """The ``filter.json`` entry of ``reg``; ``digests`` caches content hashes by ``id(params)``."""
     clash = sorted(ENTRY_KEYS & set(extra))
     if clash:
         raise ValueError(f"entry metadata may not set {clash} (user {reg.user_id})")
-    digest = content_hash(reg.params)
+    if digests is None:
+        digest = content_hash(reg.params)
+    else:
+        digest = digests.get(id(reg.params)) or content_hash(reg.params)
+        digests[id(reg.params)] = digest
     return {
         "key": registration_key(reg.user_id, reg.label, digest),
         "user_id": reg.user_id,
@@ -280,9 +334,11 @@ def _is_ours(name: str) -> bool:
     return name.endswith(".tmp") and name.startswith((f".{META_FILE}.", f".{TENSORS_PREFIX}"))
 
 
-def _clean(folder: Path, keep: str | None) -> None:
-    """Delete tensor files other than ``keep`` and temporary files of interrupted saves."""
-    removed = [p for p in folder.iterdir() if p.name != keep and _is_ours(p.name) and p.is_file()]
+def _clean(folder: Path, keep: set[str]) -> None:
+    """Delete tensor files not in ``keep`` and temporary files of interrupted saves."""
+    removed = [
+        p for p in folder.iterdir() if p.name not in keep and _is_ours(p.name) and p.is_file()
+    ]
     for path in removed:
         path.unlink(missing_ok=True)
         log.debug("removed %s (no longer referenced)", path)
@@ -296,7 +352,9 @@ def save_filter(
     extra: Mapping[int, Mapping[str, Any]] | None = None,
     info: Mapping[str, Any] | None = None,
     history: Sequence[tuple[Registration, Mapping[str, Any]]] = (),
-) -> None:
+    reuse: Sequence[Segment] = (),
+    digests: dict[int, str] | None = None,
+) -> list[Segment]:
     """Atomically replace the filter in ``folder`` by ``registrations`` (see the module doc).
 
     Parameters
@@ -311,6 +369,19 @@ def save_filter(
         Filter-wide metadata written at the top of ``filter.json`` (``{"config": ...}``).
     history : sequence of (Registration, mapping)
         Replaced versions with their metadata, listed in ``filter.json["history"]``.
+    reuse : sequence of Segment
+        Segments of the filter committed in ``folder`` now, as verified by :func:`load_filter`
+        or returned by the previous save (never read from an unverified ``filter.json``):
+        those whose keys are all still needed are kept as they are (see the module doc).
+    digests : dict, optional
+        Content hashes by ``id(params)`` of registrations the caller keeps alive and unchanged
+        (read and extended here): a filter saved after every registration then hashes each
+        autoencoder once, not at every save.
+
+    Returns
+    -------
+    list of Segment
+        The segments the new ``filter.json`` names (pass them as ``reuse`` next time).
 
     Raises
     ------
@@ -322,16 +393,28 @@ def save_filter(
     clash = sorted(RESERVED & set(info))
     if clash:
         raise ValueError(f"filter info may not set {clash}")
-    entries = [_entry(reg, (extra or {}).get(k, {})) for k, reg in enumerate(registrations)]
-    past = [_entry(reg, meta_k) for reg, meta_k in history]
-    tensors: dict[str, NDArray[np.float32]] = {}
-    for entry, reg in zip(
-        [*entries, *past], [*registrations, *(r for r, _ in history)], strict=True
-    ):
-        for name in PARAM_NAMES:
-            tensors[f"{entry['key']}/{name}"] = np.ascontiguousarray(
-                reg.params[name], dtype=np.float32
-            )
+    entries = [
+        _entry(reg, (extra or {}).get(k, {}), digests) for k, reg in enumerate(registrations)
+    ]
+    past = [_entry(reg, meta_k, digests) for reg, meta_k in history]
+    params = {
+        entry["key"]: reg.params
+        for entry, reg in zip(
+            [*entries, *past], [*registrations, *(r for r, _ in history)], strict=True
+        )
+    }
+    kept = [
+        seg for seg in reuse if set(seg.keys) <= params.keys() and (folder / seg.file).is_file()
+    ]
+    fresh = [k for k in params if not any(k in seg.keys for seg in kept)]
+    if fresh:  # a binary counter: the new segment absorbs the newest old ones not larger
+        while kept and len(kept[-1].keys) <= len(fresh):
+            fresh = [*kept.pop().keys, *fresh]
+    tensors: dict[str, NDArray[np.float32]] = {
+        f"{key}/{name}": np.ascontiguousarray(params[key][name], dtype=np.float32)
+        for key in fresh
+        for name in PARAM_NAMES
+    }
 
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / META_FILE
@@ -348,19 +431,28 @@ def save_filter(
     key = ensure_filter_key()
     head = {"format": FORMAT_VERSION}
     if not meta_path.exists():  # a tensors file must never lie here without a filter.json
-        _commit(folder, _seal({**head, "tensors": None, "entries": [], "history": [], **info}, key))
+        _commit(folder, _seal({**head, "tensors": [], "entries": [], "history": [], **info}, key))
 
-    ref: dict[str, str] | None = None
+    segments = list(kept)
     if tensors:
         data = dump_tensors(tensors)
         digest = hashlib.sha256(data).hexdigest()
-        ref = {"file": f"{TENSORS_PREFIX}{digest}{TENSORS_SUFFIX}", "sha256": digest}
-        write_bytes_atomic(folder / ref["file"], data)
+        segments.append(Segment(f"{TENSORS_PREFIX}{digest}{TENSORS_SUFFIX}", digest, tuple(fresh)))
+        write_bytes_atomic(folder / segments[-1].file, data)
+    refs = [seg.to_json() for seg in segments]
     _commit(
-        folder, _seal({**head, "tensors": ref, "entries": entries, "history": past, **info}, key)
+        folder, _seal({**head, "tensors": refs, "entries": entries, "history": past, **info}, key)
     )
-    _clean(folder, ref["file"] if ref else None)
-    log.debug("saved %d autoencoders (%d replaced) to %s", len(entries), len(past), folder)
+    _clean(folder, {seg.file for seg in segments})
+    log.debug(
+        "saved %d autoencoders (%d replaced, %d written) to %s in %d segments",
+        len(entries),
+        len(past),
+        len(fresh),
+        folder,
+        len(segments),
+    )
+    return segments
 
 
 # ---------------------------------------------------------------- loading
@@ -403,8 +495,10 @@ def _check_digest(folder: Path, meta: Mapping[str, Any]) -> bytes:
             f"statistics were covered by no integrity check); register the users again into a "
             f"new filter folder"
         )
-    if fmt != FORMAT_VERSION:
-        raise ValueError(f"{folder}: unknown filter format {fmt!r} (this version reads 2)")
+    if fmt not in READABLE_FORMATS:
+        raise ValueError(
+            f"{folder}: unknown filter format {fmt!r} (this version reads {list(READABLE_FORMATS)})"
+        )
     integrity = meta.get("integrity")
     if not isinstance(integrity, dict) or not isinstance(integrity.get("sha256"), str):
         raise ValueError(f"{folder}: {META_FILE} has no integrity block")
@@ -446,27 +540,178 @@ def _check_hmac(folder: Path, meta: Mapping[str, Any], body: bytes) -> None:
         )
 
 
-def _load_tensors(folder: Path, meta: Mapping[str, Any]) -> dict[str, NDArray[np.float32]]:
-    """The tensors file named by ``meta``, after checking its SHA-256."""
-    ref = meta.get("tensors")
-    if ref is None:
+#: A segment's bytes as read (:func:`_read_all`).
+Buffer = mmap.mmap | bytearray
+
+
+class _Tensors(dict[str, NDArray[np.float32]]):
+    """Tensors of a filter's segments, with the content hash of each key they hold.
+
+    The hashes are computed while each segment's own SHA-256 is (:func:`_hash_and_parse`).
+    """
+
+    digests: dict[str, str]
+
+
+def _read_all(path: Path) -> Buffer:
+    """The bytes of ``path`` in one private, writable buffer, read once.
+
+    The buffer is anonymous memory (``mmap``, neither zero-filled first like a ``bytearray``
+    nor a copy of the file that could change after it was verified); the tensors are views
+    into it, so it lives as long as they do.
+    """
+    with path.open("rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return bytearray()
+        data = mmap.mmap(-1, size)
+        with memoryview(data) as view:
+            got = 0
+            while got < size:
+                n = handle.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    if got < size:  # shrank while read: the SHA-256 check will tell
+        return bytearray(memoryview(data)[:got])
+    return data
+
+
+#: safetensors dtypes read without a copy (other dtypes go through the safetensors reader).
+_ZERO_COPY = {"F32": np.dtype("<f4")}
+
+
+def _parse_safetensors(data: Buffer) -> dict[str, NDArray[np.float32]]:
+    """The tensors of a safetensors file held in ``data``, as views into it (no copy).
+
+    Checks what the safetensors reader checks of a file's layout: a JSON header of tensors
+    whose byte ranges match their dtype and shape and tile the data area exactly.
+    """
+    if len(data) < 8:
+        raise ValueError("shorter than its 8-byte header length")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("header longer than the file")
+    header = json.loads(bytes(memoryview(data)[8 : 8 + size]))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    base, end_of_data = 8 + size, len(data) - 8 - size
+    tensors: dict[str, NDArray[np.float32]] = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name!r}: malformed header entry")
+        if info.get("dtype") not in _ZERO_COPY:
+            return dict(load_tensors(bytes(data)))  # the library's reader for other dtypes
+        dtype, shape, offsets = (
+            _ZERO_COPY[info["dtype"]],
+            info.get("shape"),
+            info.get("data_offsets"),
+        )
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(k, int) and k >= 0 for k in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(k, int) for k in offsets)
+        ):
+            raise ValueError(f"tensor {name!r}: malformed header entry")
+        begin, end = offsets
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= end_of_data or end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: byte range {offsets} does not match its shape")
+        tensors[name] = np.frombuffer(data, dtype, count, base + begin).reshape(shape)
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise ValueError("tensor byte ranges overlap or leave gaps")
+        position = end
+    if position != end_of_data:
+        raise ValueError("data beyond the last tensor")
+    return tensors
+
+
+def _key_digests(tensors: Mapping[str, NDArray[np.float32]], keys: Sequence[str]) -> dict[str, str]:
+    """:func:`content_hash` of each registration key whose four float32 tensors are here."""
+    out = {}
+    for key in keys:
+        names = [f"{key}/{name}" for name in PARAM_NAMES]
+        if all(n in tensors and tensors[n].dtype == np.float32 for n in names):
+            out[key] = content_hash(
+                {name: tensors[n] for name, n in zip(PARAM_NAMES, names, strict=True)}
+            )
+    return out
+
+
+def _hash_and_parse(
+    data: Buffer,
+) -> tuple[str, dict[str, NDArray[np.float32]] | Exception, dict[str, str]]:
+    """SHA-256 of a segment's bytes, its tensors (or why unreadable), each key's content hash.
+
+    The file's digest runs in one thread while others parse and hash the registrations
+    (hashlib releases the GIL), so that both checks cost about one pass's time. Nothing here
+    is trusted before the caller has compared the digest.
+    """
+    workers = max(1, min(8, (os.cpu_count() or 1) - 1))
+    with ThreadPoolExecutor(max_workers=1 + workers) as pool:
+        whole = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        part: dict[str, NDArray[np.float32]] | Exception
+        digests: dict[str, str] = {}
+        try:
+            part = _parse_safetensors(data)
+        except Exception as err:  # safetensors' own error type, or ours
+            part = err
+        else:
+            keys = sorted({name.rsplit("/", 1)[0] for name in part})
+            tables = pool.map(lambda k: _key_digests(part, keys[k::workers]), range(workers))
+            for table in tables:
+                digests.update(table)
+        return whole.result(), part, digests
+
+
+def _load_tensors(
+    folder: Path, meta: Mapping[str, Any]
+) -> tuple[dict[str, NDArray[np.float32]], list[Segment]]:
+    """Every segment named by ``meta`` (SHA-256 and keys checked), merged; and the segments."""
+    try:
+        refs = _segment_refs(meta)
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from None
+    if not refs:
         if meta.get("entries") or meta.get("history"):
             raise ValueError(f"{folder}: {META_FILE} lists entries but names no tensors file")
-        return {}
-    if not isinstance(ref, dict) or not _TENSORS_NAME.match(str(ref.get("file"))):
-        raise ValueError(f"{folder}: {META_FILE} names no valid tensors file ({ref!r})")
-    path = folder / str(ref["file"])
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"{folder}: the tensors file {path.name} is missing") from None
-    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), str(ref.get("sha256"))):
-        raise ValueError(f"{folder}: the tensors file {path.name} fails its SHA-256")
-    try:
-        tensors: dict[str, NDArray[np.float32]] = load_tensors(data)
-    except Exception as err:  # safetensors' own error type
-        raise ValueError(f"{folder}: the tensors file {path.name} is unreadable ({err})") from err
-    return tensors
+        return {}, []
+    tensors = _Tensors()
+    tensors.digests = {}
+    segments = []
+    for ref in refs:
+        if not isinstance(ref, dict) or not _TENSORS_NAME.match(str(ref.get("file"))):
+            raise ValueError(f"{folder}: {META_FILE} names no valid tensors file ({ref!r})")
+        path = folder / str(ref["file"])
+        try:
+            data = _read_all(path)
+        except FileNotFoundError:
+            raise ValueError(f"{folder}: the tensors file {path.name} is missing") from None
+        digest, part, digests = _hash_and_parse(data)
+        if not hmac.compare_digest(digest, str(ref.get("sha256"))):
+            raise ValueError(f"{folder}: the tensors file {path.name} fails its SHA-256")
+        if isinstance(part, Exception):
+            raise ValueError(
+                f"{folder}: the tensors file {path.name} is unreadable ({part})"
+            ) from part
+        held = sorted({name.rsplit("/", 1)[0] for name in part})
+        keys = ref.get("keys", held)  # format 2 lists no keys: its one file holds them all
+        if not isinstance(keys, list) or sorted(map(str, keys)) != held:
+            raise ValueError(f"{folder}: the tensors file {path.name} holds other keys than listed")
+        if tensors.keys() & part.keys():
+            raise ValueError(f"{folder}: the tensors file {path.name} repeats another's tensors")
+        tensors.update(part)
+        tensors.digests.update(digests)
+        segments.append(Segment(path.name, str(ref["sha256"]), tuple(str(k) for k in keys)))
+    return tensors, segments
 
 
 def _registration(
@@ -494,7 +739,8 @@ def _registration(
         raise ValueError(
             f"{folder}: {what} is malformed or its tensors are missing ({err!r})"
         ) from err
-    if content_hash(params) != digest:
+    known = getattr(tensors, "digests", {}).get(key)  # hashed while the file was verified
+    if (known if known is not None else content_hash(params)) != digest:
         raise ValueError(f"{folder}: {what} (user {user}) fails its content hash")
     return reg
 
@@ -527,15 +773,31 @@ def load_filter(
         If any check fails (the message says which), or tensors lie there without a
         readable ``filter.json``.
     """
+    regs, meta, _, _ = _open(folder, verify_key=verify_key, with_history=False)
+    return regs, meta
+
+
+def _open(
+    folder: Path, *, verify_key: bool, with_history: bool
+) -> tuple[list[Registration], dict[str, Any], list[Entry], list[Segment]]:
+    """Read and verify once: registrations, metadata, history (if asked) and segments."""
     meta = _read_meta(folder)
     body = _check_digest(folder, meta)
     if verify_key:
         _check_hmac(folder, meta, body)
     else:
         log.info("%s: HMAC not checked (verify_key=False)", folder)
-    tensors = _load_tensors(folder, meta)
+    tensors, segments = _load_tensors(folder, meta)
     regs = [_registration(folder, tensors, e, f"entry {i}") for i, e in enumerate(meta["entries"])]
-    return regs, meta
+    history = (
+        [
+            (_registration(folder, tensors, e, f"history entry {i}"), entry_extra(e))
+            for i, e in enumerate(meta["history"])
+        ]
+        if with_history
+        else []
+    )
+    return regs, meta, history, segments
 
 
 def load_history(
@@ -547,7 +809,7 @@ def load_history(
     digest and the tensors file are checked again here.
     """
     _check_digest(folder, meta)
-    tensors = _load_tensors(folder, meta)
+    tensors, _ = _load_tensors(folder, meta)
     return [
         (_registration(folder, tensors, e, f"history entry {i}"), entry_extra(e))
         for i, e in enumerate(meta["history"])
@@ -590,10 +852,14 @@ class PersistentFilter:
         self.info = dict(info)
         self.entries: list[Entry] = []
         self.history: list[Entry] = []
+        #: The segments of the committed filter (verified), reused by the next save.
+        self.segments: list[Segment] = []
+        self._digests: dict[int, str] = {}
         if (folder / META_FILE).exists():
-            regs, meta = load_filter(folder, verify_key=verify_key)
+            regs, meta, self.history, self.segments = _open(
+                folder, verify_key=verify_key, with_history=True
+            )
             self.entries = [(r, entry_extra(e)) for r, e in zip(regs, meta["entries"], strict=True)]
-            self.history = load_history(folder, meta)
             log.info("loaded %d autoencoders from %s", len(regs), folder)
         elif _tensor_files(folder):
             raise _refuse_headless(folder, f"{META_FILE} is missing")
@@ -634,4 +900,16 @@ class PersistentFilter:
     def _write(self, entries: Sequence[Entry], history: Sequence[Entry]) -> None:
         regs = [r for r, _ in entries]
         extra = {k: e for k, (_, e) in enumerate(entries)}
-        save_filter(self.folder, regs, extra, info=self.info, history=history)
+        # Hashes of the registrations this filter holds (alive in its lists, never changed).
+        alive = {id(r.params) for r, _ in [*entries, *history]}
+        digests = {k: v for k, v in self._digests.items() if k in alive}
+        self.segments = save_filter(
+            self.folder,
+            regs,
+            extra,
+            info=self.info,
+            history=history,
+            reuse=self.segments,
+            digests=digests,
+        )
+        self._digests = digests

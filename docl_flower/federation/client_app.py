@@ -16,17 +16,17 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from numpy.typing import NDArray
 
-from ..core.calibration import train_and_calibrate
 from ..core.classifier import SgdSpec
 from ..core.classifier import train_classifier as sgd_train
 from ..core.config import ClientSpec
-from ..core.data import ImageDataset, derive_seed
+from ..core.data import ImageDataset, derive_seed, load_cached
+from ..core.device import fit_user
+from ..core.dp import PrivacySpent, per_user
 from ..core.feature_stats import fit_class_stats
 from ..core.inputs import split_features
 from ..core.logs import setup_logging
 from ..core.model import (
     AutoencoderSpec,
-    TrainSpec,
     state_to_numpy,
 )
 from . import keys
@@ -52,7 +52,7 @@ def _load(
     """The training data set of this node (from its ``data-dir`` when the operator set one)."""
     data_dir = node_config.get(keys.NODE_DATA_DIR)
     dataset = spec.dataset_obj(str(data_dir) if data_dir is not None else None)
-    images, labels = dataset.load("train")
+    images, labels = load_cached(dataset, "train")
     return dataset, images, labels
 
 
@@ -60,22 +60,12 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _progress(user: int, cls: int, epochs: int) -> Callable[[int, float], None]:
-    step = max(1, epochs // 4)
-
-    def report(epoch: int, loss: float) -> None:
-        if (epoch + 1) % step == 0 or epoch + 1 == epochs:
-            log.info("user %d class %d: epoch %d/%d, loss %.3f", user, cls, epoch + 1, epochs, loss)
-
-    return report
-
-
 def _upload(
     content: RecordDict,
     spec: ClientSpec,
     user: int,
     arrays: dict[str, Array],
-    stats: Mapping[str, list[float]],
+    stats: Mapping[str, list[float] | float],
     counts: list[int],
     start: float,
     cuda: bool,
@@ -114,49 +104,39 @@ def train_docl(
             }
         )
         return RecordDict({keys.METRICS_RECORD: skipped})
-    model_spec, train_spec = spec.model_spec(), spec.train_spec()
-    if not isinstance(model_spec, AutoencoderSpec) or not isinstance(train_spec, TrainSpec):
-        raise ValueError("the DOCL task needs an autoencoder model and its training recipe")
     dataset, images, labels = _load(spec, node_config)
-    features = spec.features_obj()
     device = _device()
     arrays: dict[str, Array] = {}
     means: list[float] = []
     stds: list[float] = []
     counts: list[int] = []
+    spent: list[PrivacySpent] = []
+    used: list[NDArray[np.int64]] = []
     start = time.perf_counter()
-    for c in spec.assignment[user]:
-        seed = derive_seed(spec.seed, user, c)
-        idx = spec.training_indices(user, c, labels)
-        if idx.size == 0:
-            raise ValueError(f"user {user} holds no training image of class {c}")
-        # Only this user's rows: from the feature cache, or extracted here on the device.
-        x = split_features(dataset, features, "train", idx, images).features
-        log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
-        fit = train_and_calibrate(
-            x,
-            model_spec,
-            train_spec,
-            seed,
-            device,
-            on_epoch=_progress(user, c, train_spec.epochs_for(len(idx))),
-        )
-        mu, sd = fit.err_mean, fit.err_std
+    for one in fit_user(spec, user, dataset, images, labels, device):
+        for name, value in state_to_numpy(one.fit.model).items():
+            arrays[f"{one.label}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
+        means.append(one.fit.err_mean)
+        stds.append(one.fit.err_std)
+        counts.append(int(one.rows.size))
+        if one.fit.privacy is not None:
+            spent.append(one.fit.privacy)
+            used.append(one.rows)
+    stats: dict[str, list[float] | float] = {keys.ERR_MEAN: means, keys.ERR_STD: stds}
+    if spent:
+        # Disjoint images (one class each): parallel composition; shared ones: basic.
+        disjoint = np.unique(np.concatenate(used)).size == sum(i.size for i in used)
+        privacy = per_user(spent, disjoint)
         log.info(
-            "user %d class %d: mu %.3f sigma %.3f (%s errors), %.1fs",
+            "user %d: differential privacy epsilon %.3f, delta %.2g, noise multiplier %.3f",
             user,
-            c,
-            mu,
-            sd,
-            fit.method,
-            fit.report.seconds,
+            privacy["epsilon"],
+            privacy["delta"],
+            privacy["noise_multiplier"],
         )
-        for name, value in state_to_numpy(fit.model).items():
-            arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
-        means.append(mu)
-        stds.append(sd)
-        counts.append(len(idx))
-    stats = {keys.ERR_MEAN: means, keys.ERR_STD: stds}
+        stats[keys.DP_EPSILON] = privacy["epsilon"]
+        stats[keys.DP_DELTA] = privacy["delta"]
+        stats[keys.DP_NOISE_MULTIPLIER] = privacy["noise_multiplier"]
     return _upload(content, spec, user, arrays, stats, counts, start, device.type == "cuda")
 
 

@@ -5,6 +5,9 @@ RUN_CONFIG_PATH = "config-path"
 RUN_OUT_DIR = "out-dir"
 #: Hydra overrides for a run started with ``flwr run .`` (used when ``config-path`` is empty).
 RUN_OVERRIDES = "overrides"
+#: Run-config key: at most this many messages waiting in the SuperLink at once (0: no limit);
+#: set by ``docl-flower`` for simulations (see :class:`~.grids.StreamingGrid`).
+RUN_SEND_WINDOW = "send-window"
 
 # Server -> client (config-only message)
 CONFIG_RECORD = "config"
@@ -27,6 +30,12 @@ TRAIN_SECONDS = "train-seconds"
 RECEIVED_ARRAYS = "received-array-records"
 DEVICE_CUDA = "device-cuda"
 SKIPPED = "skipped"
+#: Differential privacy (``train.dp``), per user: the (epsilon, delta) its upload spent and the
+#: DP-SGD noise multiplier. All three or none (a client without DP sends none).
+DP_EPSILON = "dp-epsilon"
+DP_DELTA = "dp-delta"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_KEYS = (DP_EPSILON, DP_DELTA, DP_NOISE_MULTIPLIER)
 
 # Node config (flower-supernode --node-config / simulation engine)
 NODE_PARTITION_ID = "partition-id"

@@ -29,6 +29,7 @@ from ..core.config import (
 from ..core.logs import setup_logging
 from ..core.results import RESULTS_FILE, write_results
 from . import keys
+from .grids import SimulationGrid
 from .nodes import federation_nodes
 from .workflows import as_workflow
 
@@ -73,6 +74,27 @@ def experiment_for(
     return exp, out_dir, from_federation
 
 
+def ray_cluster() -> dict[str, object] | None:
+    """The Ray cluster this process's simulation ran its clients on, or None (deployment).
+
+    In a simulation the ServerApp shares its process with Flower's Ray backend, so the GCS
+    address tells a new local instance from a cluster joined with ``simulation.ray_address``.
+    """
+    import ray  # Flower's simulation dependency; only asked, never started, here
+
+    if not ray.is_initialized():
+        return None
+    # ray.nodes and ray.cluster_resources are unannotated in Ray 2.55.
+    nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return {
+        "gcs_address": ray.get_runtime_context().gcs_address,
+        "alive_nodes": len(nodes),
+        "cpus": float(resources.get("CPU", 0.0)),
+        "gpus": float(resources.get("GPU", 0.0)),
+    }
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Build the experiment, run its workflow, write the results."""
@@ -83,9 +105,13 @@ def main(grid: Grid, context: Context) -> None:
     except ValueError as err:
         log.error("docl-flower: %s", err)
         raise
+    window = int(str(context.run_config.get(keys.RUN_SEND_WINDOW, 0)))
+    if window > 0:
+        grid = SimulationGrid(grid, window)
     result = as_workflow(exp.workflow).run(grid, exp, out_dir)
     result.server_seconds = time.time() - started
     result.users_from_federation = from_federation
+    result.ray_cluster = ray_cluster()
     result.config = exp.config
     write_results(out_dir / RESULTS_FILE, result)
     log.info("results written to %s", out_dir / RESULTS_FILE)

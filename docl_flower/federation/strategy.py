@@ -25,6 +25,7 @@ from .uploads import (
     UploadError,
     UploadRules,
     as_int,
+    dp_metrics,
     optional_metrics,
     parse_upload,
     record_bytes,
@@ -68,6 +69,12 @@ class RegistrationOutcome(Generic[R]):
     unbound_nodes: list[int] = field(default_factory=list)
     registered_at: dict[int, float] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)
+    #: Differential privacy each registered user's client reported (users without DP: absent).
+    dp: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: Wall clock (``time.time()``) when the messages were handed to Flower, after the nodes
+    #: connected; and the server's own time spent on replies (validate, check, persist).
+    sent_at: float | None = None
+    handling_seconds: float = 0.0
 
     def result_fields(self) -> dict[str, Any]:
         """The per-user part of a :class:`~docl_flower.core.results.RunResult` (JSON keys)."""
@@ -86,6 +93,7 @@ class RegistrationOutcome(Generic[R]):
             "receives_others_parameters": False,
             "train_seconds": {str(u): s for u, s in sorted(self.train_seconds.items())},
             "trained_on_cuda": {str(u): c for u, c in sorted(self.cuda.items())},
+            "dp": {str(u): d for u, d in sorted(self.dp.items())},
         }
 
 
@@ -198,6 +206,7 @@ class RegisterOnce(Strategy, Generic[R]):
             messages.append(
                 Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
             )
+        self.outcome.sent_at = time.time()
         return messages
 
     def handle_reply(self, msg: Message, dst_node: int | None) -> None:
@@ -213,12 +222,15 @@ class RegisterOnce(Strategy, Generic[R]):
         if key in self._handled:
             return
         self._handled.add(key)
+        start = time.perf_counter()
         try:
             self._handle(msg, dst_node)
         except Exception as err:
             node = dst_node if dst_node is not None else -1
             self.outcome.node_errors[node] = f"reply not handled: {type(err).__name__}: {err}"
             log.exception("reply from node %s could not be handled", node)
+        finally:
+            self.outcome.handling_seconds += time.perf_counter() - start
 
     def _handle(self, msg: Message, dst_node: int | None) -> None:
         out = self.outcome
@@ -255,6 +267,7 @@ class RegisterOnce(Strategy, Generic[R]):
                 )
             user, parsed = self.parse(msg.content, self.assignment)
             regs = list(parsed)
+            privacy = dp_metrics(msg.content)
             if user in out.registered:
                 raise UploadError(f"user {user} is already registered")
             if user in self.existing_users and not self.replace_existing:
@@ -281,6 +294,8 @@ class RegisterOnce(Strategy, Generic[R]):
         out.train_seconds[user] = info.get(keys.TRAIN_SECONDS, math.nan)
         out.received_array_records[user] = int(info.get(keys.RECEIVED_ARRAYS, -1))
         out.cuda[user] = bool(info.get(keys.DEVICE_CUDA, 0))
+        if privacy is not None:
+            out.dp[user] = privacy
         out.nodes[user] = node
         out.registered_at[user] = time.time()
         log.info("registered user %d (%d/%d)", user, len(out.registered), len(self.assignment))

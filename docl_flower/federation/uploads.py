@@ -189,12 +189,50 @@ def read_header(
         as_int(values[keys.RECEIVED_ARRAYS], "received-array-records", 0)
     if keys.DEVICE_CUDA in values:
         as_int(values[keys.DEVICE_CUDA], "device-cuda", 0, 1)
+    read_dp(values)
     expected_keys = {f"{c}{keys.ARRAY_KEY_SEP}{n}" for c in classes for n in tensor_names}
     if array_keys != expected_keys:
         extra = sorted(array_keys - expected_keys)
         missing = sorted(expected_keys - array_keys)
         raise UploadError(f"array keys differ: missing {missing}, unexpected {extra}")
     return UploadHeader(user, classes, means, stds, counts, arrays)
+
+
+def read_dp(values: Mapping[str, object]) -> dict[str, float] | None:
+    """The differential-privacy metrics of an upload's metrics, checked; ``None`` if absent.
+
+    All of :data:`keys.DP_KEYS` or none; each a finite number ``>= 0``, ``dp-delta`` below 1.
+    Returns ``{"epsilon", "delta", "noise_multiplier"}``. Raises :class:`UploadError`.
+    """
+    present = [k for k in keys.DP_KEYS if k in values]
+    if not present:
+        return None
+    if len(present) != len(keys.DP_KEYS):
+        missing = [k for k in keys.DP_KEYS if k not in values]
+        raise UploadError(f"differential-privacy metrics incomplete: {missing} missing")
+    found = {k: as_float(values[k], k) for k in keys.DP_KEYS}
+    for key, number in found.items():
+        if number < 0:
+            raise UploadError(f"{key} {number} is negative")
+    if found[keys.DP_DELTA] >= 1:
+        raise UploadError(f"{keys.DP_DELTA} {found[keys.DP_DELTA]} is not below 1")
+    return {
+        "epsilon": found[keys.DP_EPSILON],
+        "delta": found[keys.DP_DELTA],
+        "noise_multiplier": found[keys.DP_NOISE_MULTIPLIER],
+    }
+
+
+def dp_metrics(content: object) -> dict[str, float] | None:
+    """:func:`read_dp` of a reply's content (``None`` without a MetricRecord)."""
+    metrics = records(content, "metric_records").get(keys.METRICS_RECORD)
+    if not isinstance(metrics, Mapping):
+        return None
+    try:
+        values = {str(k): metrics[k] for k in metrics}
+    except Exception as err:
+        raise UploadError(f"unreadable records ({type(err).__name__}: {err})") from err
+    return read_dp(values)
 
 
 def parse_upload(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.config import PROJECT_ROOT, build_experiment
+from ..core.config import PROJECT_ROOT, SimulationSpec, build_experiment
 from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
 from ..federation import keys, workflows  # noqa: F401  (registers the workflows)
 from .processes import exit_on_signals
@@ -30,6 +31,10 @@ def format_table(results: RunResult) -> str:
         rows.append(("acceptance rate (harmless images)", f"{r.acceptance_rate:.4f}"))
     if r.ood_auroc is not None:
         rows.append(("OOD AUROC (best score)", f"{r.ood_auroc:.4f}"))
+    if r.owner_accuracy is not None:
+        rows.append(("owner accuracy", f"{r.owner_accuracy:.4f}"))
+    if r.owner_guarded_accuracy is not None:
+        rows.append(("owner guarded accuracy", f"{r.owner_guarded_accuracy:.4f}"))
     if r.sampled_classifier_accuracy is not None:
         rows.append(("sampled-feature classifier accuracy", f"{r.sampled_classifier_accuracy:.4f}"))
     rows.append(("rounds", f"{r.rounds}"))
@@ -60,6 +65,30 @@ def check_resources(num_gpus: float, cuda_available: bool | None = None) -> None
         )
 
 
+#: Messages waiting in the SuperLink per client that the simulation runs at a time.
+MESSAGES_PER_CLIENT_SLOT = 4
+#: The window on a Ray cluster joined by address, whose CPUs this machine does not know.
+CLUSTER_SEND_WINDOW = 64
+
+
+def send_window(simulation: SimulationSpec, cpus: int | None = None) -> int:
+    """How many messages may wait in the SuperLink of a simulation (see ``SimulationGrid``).
+
+    ``simulation.send_window`` when set (0: no window); else enough for every client slot
+    (CPUs / ``num_cpus`` of this machine) to find its next message waiting, or
+    :data:`CLUSTER_SEND_WINDOW` on a Ray cluster joined by address.
+    """
+    if simulation.send_window is not None:
+        return simulation.send_window
+    joined = simulation.ray_address not in (None, "local") or (
+        simulation.ray_address is None and bool(os.environ.get("RAY_ADDRESS"))
+    )
+    if joined:
+        return CLUSTER_SEND_WINDOW
+    slots = max(1, int((cpus or os.cpu_count() or 1) // simulation.num_cpus))
+    return MESSAGES_PER_CLIENT_SLOT * slots
+
+
 def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
     """Validate ``cfg``, run it through ``flwr run``, and return the results."""
     start = time.time()
@@ -71,13 +100,18 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
     run_app(
         app_dir=PROJECT_ROOT,
         flwr_home=PROJECT_ROOT / ".flwr",
-        run_config={keys.RUN_CONFIG_PATH: str(config_path), keys.RUN_OUT_DIR: str(out_dir)},
+        run_config={
+            keys.RUN_CONFIG_PATH: str(config_path),
+            keys.RUN_OUT_DIR: str(out_dir),
+            keys.RUN_SEND_WINDOW: send_window(exp.simulation),
+        },
         federation_config={
             "num-supernodes": len(exp.assignment),
             "client-resources-num-cpus": exp.simulation.num_cpus,
             "client-resources-num-gpus": exp.simulation.num_gpus,
         },
         timeout_s=float(cfg.run_timeout_s),
+        ray_address=exp.simulation.ray_address,
     )
     results_path = out_dir / RESULTS_FILE
     if not results_path.is_file():

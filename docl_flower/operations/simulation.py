@@ -55,9 +55,15 @@ class LocalSuperLink:
 
 @contextmanager
 def local_superlink(
-    flwr_home: Path, startup_s: float = 60.0, log_dir: Path | None = None
+    flwr_home: Path,
+    startup_s: float = 60.0,
+    log_dir: Path | None = None,
+    ray_address: str | None = None,
 ) -> Iterator[LocalSuperLink]:
-    """Start a simulation SuperLink on a free port; stop it on exit, also on error."""
+    """Start a simulation SuperLink on a free port; stop it on exit, also on error.
+
+    ``ray_address`` (see :func:`ray_env`) chooses the Ray cluster of the simulation it runs.
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = (log_dir or flwr_home) / f"superlink-{port}.log"
@@ -74,7 +80,9 @@ def local_superlink(
         "--disable-runtime-dependency-installation",
     ]
     link = LocalSuperLink(
-        start_process(cmd, log_path, flwr_env(flwr_home)), f"127.0.0.1:{port}", log_path
+        start_process(cmd, log_path, ray_env(flwr_env(flwr_home), ray_address)),
+        f"127.0.0.1:{port}",
+        log_path,
     )
     try:
         wait_for_port(link.process, port, log_path, startup_s)
@@ -83,12 +91,30 @@ def local_superlink(
         link.stop()
 
 
+def ray_env(env: Mapping[str, str], ray_address: str | None) -> dict[str, str]:
+    """``env`` with the Ray cluster that the simulation's ``ray.init()`` joins.
+
+    ``None`` keeps Ray's own rule (``RAY_ADDRESS`` if the environment sets it, else a new
+    local Ray instance for the run); ``"local"`` always starts a new local instance;
+    ``"auto"`` joins the cluster started on this machine with ``ray start``; ``HOST:PORT``
+    joins the cluster whose head listens there. Flower's simulation backend calls
+    ``ray.init()`` without an address, and Ray reads it from ``RAY_ADDRESS``.
+    """
+    out = dict(env)
+    if ray_address == "local":
+        out.pop("RAY_ADDRESS", None)
+    elif ray_address is not None:
+        out["RAY_ADDRESS"] = ray_address
+    return out
+
+
 def run_app(
     app_dir: Path,
     flwr_home: Path,
     run_config: Mapping[str, object],
     federation_config: Mapping[str, object],
     timeout_s: float = 3600.0,
+    ray_address: str | None = None,
 ) -> int:
     """Run the Flower app in simulation and return its run id; raise if it did not complete.
 
@@ -99,7 +125,9 @@ def run_app(
     flwr_home.mkdir(parents=True, exist_ok=True)
     own_home = Path(tempfile.mkdtemp(prefix="sim-", dir=flwr_home))
     try:
-        return _run_app(app_dir, own_home, run_config, federation_config, timeout_s, flwr_home)
+        return _run_app(
+            app_dir, own_home, run_config, federation_config, timeout_s, flwr_home, ray_address
+        )
     finally:
         shutil.rmtree(own_home, ignore_errors=True)
 
@@ -111,8 +139,9 @@ def _run_app(
     federation_config: Mapping[str, object],
     timeout_s: float,
     log_dir: Path,
+    ray_address: str | None,
 ) -> int:
-    with local_superlink(flwr_home, log_dir=log_dir) as link:
+    with local_superlink(flwr_home, log_dir=log_dir, ray_address=ray_address) as link:
         write_connection(flwr_home, CONNECTION, link.control_address)
         cmd = [
             flwr_bin("flwr"),

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from ...core.config import Experiment
+from ...core.data import owner_shards
 from ...core.filter import GlobalFilter, Registration
 from ...core.inputs import server_sets
 from ...core.metrics import ALPHA_GRID, evaluate
@@ -54,6 +55,7 @@ class Docl:
         """
         if not isinstance(exp.model, AutoencoderSpec):
             raise ValueError(f"DOCL trains autoencoders; model is a {type(exp.model).__name__}")
+        began = time.time()
         bindings = load_bindings(self.bindings_path) if self.bindings_path else None
         sets = server_sets(exp)
         x_test, y_test, harmless = sets.x_test, sets.y_test, sets.harmless
@@ -100,6 +102,7 @@ class Docl:
         config = ConfigRecord({keys.SPEC: spec.to_json()})
         if store.users and not self.replace_existing:
             config[keys.REGISTERED_USERS] = sorted(store.users)
+        set_up = time.time()
         strategy.start(
             grid=StreamingGrid(grid, strategy.handle_reply),
             initial_arrays=ArrayRecord(),
@@ -108,11 +111,27 @@ class Docl:
             train_config=config,
         )
         outcome = strategy.outcome
+        replied = time.time()
         regs = store.registrations
         if not regs:
             raise RuntimeError(f"no autoencoder was registered; failures: {outcome.failed}")
-        flt = GlobalFilter(sorted(regs, key=lambda r: r.label), exp.scoring)
-        ev = evaluate(flt, exp.guard, x_test, y_test, harmless, ALPHA_GRID)
+        flt = GlobalFilter(sorted(regs, key=lambda r: (r.label, r.user_id)), exp.scoring)
+        owners = None
+        if exp.partition.sharded_classes:
+            owners = torch.from_numpy(
+                owner_shards(y_test.numpy(), exp.assignment, exp.partition.shards, exp.seed)
+            )
+        ev = evaluate(flt, exp.guard, x_test, y_test, harmless, ALPHA_GRID, owners)
+        sent = outcome.sent_at or set_up
+        last = max(outcome.registered_at.values(), default=sent)
+        phases = {
+            "setup": set_up - began,
+            "wait_for_nodes": sent - set_up,
+            "registration": last - sent,
+            "server_handling": outcome.handling_seconds,
+            "after_last_reply": replied - last,
+            "evaluation": time.time() - replied,
+        }
         return RunResult(
             method="docl",
             overall_accuracy=ev.overall_accuracy,
@@ -123,6 +142,9 @@ class Docl:
             acceptance_rate=ev.acceptance_rate,
             ood_auroc=ev.ood_auroc,
             guard_curve=list(ev.guard_curve),
+            owner_accuracy=ev.owner_accuracy,
+            owner_guarded_accuracy=ev.owner_guarded_accuracy,
+            phase_seconds=phases,
             num_test_images=int(torch.isin(y_test, flt.labels).sum()),
             num_harmless_images=None if harmless is None else int(harmless.shape[0]),
             already_registered=sorted(outcome.skipped),

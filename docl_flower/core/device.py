@@ -1,0 +1,88 @@
+"""What a user's device computes: one autoencoder per class it owns, from its own rows only.
+
+The ClientApp (:mod:`docl_flower.federation.client_app`) and the plain loop without Flower
+(:mod:`.plain`) both call :func:`fit_user`, so that both train the same autoencoders: same
+data rows, features, recipe and seeds. No Flower here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from .calibration import Calibrated, train_and_calibrate
+from .config import ClientSpec
+from .data import ImageDataset, derive_seed
+from .inputs import split_features
+from .model import AutoencoderSpec, TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassFit:
+    """One of a user's autoencoders: its class, the training rows it saw, the fit."""
+
+    label: int
+    rows: NDArray[np.int64]
+    fit: Calibrated
+
+
+def _progress(user: int, cls: int, epochs: int) -> Callable[[int, float], None]:
+    step = max(1, epochs // 4)
+
+    def report(epoch: int, loss: float) -> None:
+        if (epoch + 1) % step == 0 or epoch + 1 == epochs:
+            log.info("user %d class %d: epoch %d/%d, loss %.3f", user, cls, epoch + 1, epochs, loss)
+
+    return report
+
+
+def fit_user(
+    spec: ClientSpec,
+    user: int,
+    dataset: ImageDataset,
+    images: NDArray[np.uint8],
+    labels: NDArray[np.int64],
+    device: torch.device,
+) -> list[ClassFit]:
+    """Train and calibrate ``user``'s autoencoder(s) on the rows the partition gives it.
+
+    ``images``, ``labels``: the training split of ``dataset`` (loaded by the caller, once per
+    process). Features come from the feature cache or are extracted here, for these rows only.
+    """
+    model_spec, train_spec = spec.model_spec(), spec.train_spec()
+    if not isinstance(model_spec, AutoencoderSpec) or not isinstance(train_spec, TrainSpec):
+        raise ValueError("the DOCL task needs an autoencoder model and its training recipe")
+    features = spec.features_obj()
+    out = []
+    for c in spec.assignment[user]:
+        idx = spec.training_indices(user, c, labels)
+        if idx.size == 0:
+            raise ValueError(f"user {user} holds no training image of class {c}")
+        x = split_features(dataset, features, "train", idx, images).features
+        log.info("user %d: training class %d on %d images (%s)", user, c, len(idx), device)
+        fit = train_and_calibrate(
+            x,
+            model_spec,
+            train_spec,
+            derive_seed(spec.seed, user, c),
+            device,
+            on_epoch=_progress(user, c, train_spec.epochs_for(len(idx))),
+        )
+        log.info(
+            "user %d class %d: mu %.3f sigma %.3f (%s errors), %.1fs",
+            user,
+            c,
+            fit.err_mean,
+            fit.err_std,
+            fit.method,
+            fit.report.seconds,
+        )
+        out.append(ClassFit(int(c), idx, fit))
+    return out

@@ -1,0 +1,517 @@
+"""Differential privacy for one user's upload: DP-SGD training and a private ``mu``, ``sigma``.
+
+No Flower here. With ``train.dp.epsilon`` set, a client trains each of its autoencoders with
+DP-SGD (Opacus: Poisson sampling, per-image gradient clipping, Gaussian noise) and releases the
+``mu`` and ``sigma`` of its reconstruction errors through a Gaussian mechanism; one
+``(epsilon, delta)`` budget covers both.
+
+What the guarantee covers (per autoencoder, then per user):
+
+* **Unit and neighbouring data sets.** One image of the user, added or removed (Opacus's
+  add/remove adjacency). The number of images ``n`` is treated as public, as in Opacus's own
+  use of DP-SGD (the sample rate ``batch_size / n`` and hence the noise depend on it); it is
+  uploaded in the clear (``num-examples``).
+* **Budget split (basic composition).** ``stats_share`` of ``epsilon`` and of ``delta`` pays
+  for the statistics, the rest for training: training is ``(eps_t, delta_t)``-DP, the released
+  statistics are ``(eps_s, delta_s)``-DP, so the upload (parameters, ``mu``, ``sigma``) is
+  ``(eps_t + eps_s, delta_t + delta_s)``-DP. Everything else is post-processing.
+* **Training.** DP-SGD on the autoencoder with Opacus's RDP accountant (:data:`ACCOUNTANT`);
+  the noise multiplier is the one Opacus's ``make_private_with_epsilon`` would find for
+  ``eps_t`` at ``delta_t`` over exactly the steps the recipe runs
+  (``TrainSpec.epochs_for(n)`` epochs of ``ceil(n / batch_size)`` Poisson-sampled steps at
+  the sample rate ``1 / ceil(n / batch_size)``): the same search, cached
+  (:func:`noise_multiplier`), then ``make_private``.
+  Per-image gradients are clipped to ``max_grad_norm`` with Opacus's ghost clipping (the
+  clipped gradient without materialising per-image gradients; the same result as explicit
+  clipping, see ``tests/test_dp.py``).
+* **Statistics.** Each image's error is clipped to ``[0, B]`` with ``B = error_clip * D``
+  (a bound fixed before seeing the data: for features in ``[0, 1]`` an error is at most
+  ``D``). The sums of ``c / B`` and ``(c / B)^2`` change by at most 1 each when one image is
+  added or removed (L2 sensitivity ``sqrt(2)``); both get Gaussian noise with the noise
+  multiplier that Opacus's RDP accountant gives for ``(eps_s, delta_s)`` (one step, no
+  subsampling). ``mu`` and ``sigma`` follow by post-processing with the public ``n``.
+* **Calibration.** Only on the training errors: the held-out calibration's k fold models would
+  each spend budget, so ``calibration: heldout`` is refused with DP and ``auto`` means
+  ``train``.
+* **Per user.** A user with several autoencoders on disjoint images is covered by the largest
+  of their budgets (parallel composition); when images are shared (an adversary's extra
+  classes), by their sum (basic composition).
+* **Not covered.** Which user owns which class, the number of images, the training time, and
+  the randomness: noise comes from seeded PyTorch generators (reproducible runs), not from a
+  cryptographically secure source (Opacus's ``secure_mode``), so a deployment should reseed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import derive_seed
+from .model import check_number, reconstruction_errors
+
+if TYPE_CHECKING:
+    from .model import Autoencoder, AutoencoderSpec, TrainReport, TrainSpec
+
+log = logging.getLogger(__name__)
+
+#: Opacus's accountant for training and for the statistics: Renyi DP (Mironov et al.).
+ACCOUNTANT = "rdp"
+
+#: RDP orders for the statistics' single Gaussian step: Opacus's default orders (up to 63) and
+#: larger ones, where the optimum lies for one step at a small epsilon.
+STATS_ALPHAS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(12, 64),
+    *(64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024),
+)
+
+#: Sub-seeds (see :func:`derive_seed`) of the Poisson sampling, the gradient noise and the
+#: statistics noise of one autoencoder.
+_SAMPLING, _NOISE, _STATS = 0xD5, 0xD6, 0xD7
+
+
+@dataclass(frozen=True)
+class DpSpec:
+    """Differential privacy of a user's upload (``train.dp``); ``epsilon: null`` turns it off.
+
+    Parameters
+    ----------
+    epsilon : float or None
+        Total privacy budget of one autoencoder's upload (training plus ``mu``, ``sigma``);
+        ``None`` = no differential privacy (the default).
+    delta : float or None
+        Total delta of one autoencoder's upload; ``None`` means ``1 / (10 n)`` for a user
+        with ``n`` images. A fixed delta must be below ``1 / n`` (checked on the device).
+    max_grad_norm : float
+        Per-image gradient clipping norm of DP-SGD.
+    stats_share : float
+        Share of ``epsilon`` and of ``delta`` spent on ``mu`` and ``sigma``, in ``(0, 1)``.
+    error_clip : float
+        Each image's reconstruction error is clipped to ``error_clip * D`` before ``mu``,
+        ``sigma`` are computed (a mean squared error per feature), in ``(0, 1]``.
+    """
+
+    epsilon: float | None = None
+    delta: float | None = 1e-5
+    max_grad_norm: float = 1.0
+    stats_share: float = 0.1
+    error_clip: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None:
+            check_number("epsilon", self.epsilon, above=0.0)
+        if self.delta is not None and not 0.0 < check_number("delta", self.delta) < 1.0:
+            raise ValueError(f"delta must be in (0, 1) or null, got {self.delta}")
+        check_number("max_grad_norm", self.max_grad_norm, above=0.0)
+        if not 0.0 < check_number("stats_share", self.stats_share) < 1.0:
+            raise ValueError(f"stats_share must be in (0, 1), got {self.stats_share}")
+        if not 0.0 < check_number("error_clip", self.error_clip) <= 1.0:
+            raise ValueError(f"error_clip must be in (0, 1], got {self.error_clip}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether uploads are differentially private."""
+        return self.epsilon is not None
+
+    def delta_for(self, num_examples: int) -> float:
+        """The total delta of an autoencoder trained on ``num_examples`` images.
+
+        Raises
+        ------
+        ValueError
+            A fixed ``delta`` that is not below ``1 / num_examples``.
+        """
+        if self.delta is None:
+            return 1.0 / (10.0 * num_examples)
+        if self.delta >= 1.0 / num_examples:
+            raise ValueError(
+                f"dp.delta {self.delta:g} must be below 1/n = {1.0 / num_examples:.3g} "
+                f"for a user with {num_examples} images (or null: 1/(10 n))"
+            )
+        return float(self.delta)
+
+    def budget(self, num_examples: int) -> Budget:
+        """The split of the budget between training and statistics (basic composition)."""
+        if self.epsilon is None:
+            raise ValueError("differential privacy is off (dp.epsilon is null)")
+        delta = self.delta_for(num_examples)
+        share = self.stats_share
+        return Budget(
+            train_epsilon=self.epsilon * (1.0 - share),
+            train_delta=delta * (1.0 - share),
+            stats_epsilon=self.epsilon * share,
+            stats_delta=delta * share,
+        )
+
+
+def dp_from_config(value: object) -> DpSpec:
+    """``train.dp`` as a :class:`DpSpec` (from a mapping, ``None`` or a DpSpec).
+
+    Raises
+    ------
+    ValueError
+        One line that starts with ``dp.KEY`` (or ``dp:`` for a wrong type or unknown keys).
+    """
+    if isinstance(value, DpSpec):
+        return value
+    if value is None:
+        return DpSpec()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"dp: must be a mapping of {_dp_keys()}, got {value!r}")
+    unknown = sorted(str(k) for k in value if k not in _dp_keys())
+    if unknown:
+        raise ValueError(f"dp: unknown keys {unknown} (known: {_dp_keys()})")
+    try:
+        return DpSpec(**{str(k): v for k, v in value.items()})
+    except ValueError as err:
+        raise ValueError(f"dp.{err}") from err
+
+
+def _dp_keys() -> list[str]:
+    return [f.name for f in fields(DpSpec)]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``(epsilon, delta)`` for training and for the statistics of one autoencoder."""
+
+    train_epsilon: float
+    train_delta: float
+    stats_epsilon: float
+    stats_delta: float
+
+
+@dataclass(frozen=True)
+class PrivacySpent:
+    """What one autoencoder's upload spent (the accountant's numbers, not the targets).
+
+    ``epsilon = train_epsilon + stats_epsilon`` at ``delta`` (basic composition).
+    """
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    train_epsilon: float
+    stats_epsilon: float
+    stats_noise_multiplier: float
+    steps: int
+    sample_rate: float
+    accountant: str = ACCOUNTANT
+
+
+def per_user(spent: Sequence[PrivacySpent], disjoint: bool) -> dict[str, float]:
+    """One user's guarantee over its autoencoders: ``epsilon``, ``delta``, ``noise_multiplier``.
+
+    ``disjoint``: no image is used by two of the autoencoders (parallel composition: the
+    largest budget); else basic composition (the sums). ``noise_multiplier`` is the smallest.
+    """
+    if not spent:
+        raise ValueError("no autoencoder trained with differential privacy")
+    combine: Callable[[Sequence[float]], float] = max if disjoint else math.fsum
+    return {
+        "epsilon": combine([s.epsilon for s in spent]),
+        "delta": combine([s.delta for s in spent]),
+        "noise_multiplier": min(s.noise_multiplier for s in spent),
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """DP-SGD's noise multiplier for ``(epsilon, delta)`` after ``steps`` at ``sample_rate``.
+
+    Exactly what Opacus's ``PrivacyEngine.make_private_with_epsilon`` computes (its
+    ``get_noise_multiplier`` with the engine's accountant, :data:`ACCOUNTANT`), cached: the
+    search evaluates the accountant some twenty times, and users with the same number of
+    images per batch share the result.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        # Large trial noises of the search would need RDP orders above Opacus's largest: a
+        # looser bound for noises it does not use.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=ACCOUNTANT,
+            )
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def accountant_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """The epsilon at ``delta`` of the steps ``(noise multiplier, sample rate, count)``."""
+    from opacus.accountants import create_accountant
+
+    accountant = create_accountant(mechanism=ACCOUNTANT)
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta))
+
+
+class ImageBce(nn.Module):
+    """The training loss per image (BCE summed over features, eq. 4), reduced like a torch loss.
+
+    Opacus's ghost clipping sets ``reduction = "none"`` to get the per-image losses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduction = "mean"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-image losses (``"none"``), their mean or their sum."""
+        per_image = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1)
+        if self.reduction == "none":
+            return per_image
+        return per_image.sum() if self.reduction == "sum" else per_image.mean()
+
+
+@dataclass(frozen=True)
+class TrainingPrivacy:
+    """What DP-SGD spent on one autoencoder."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    steps: int
+    sample_rate: float
+
+
+def train_private(
+    x: torch.Tensor,
+    model_spec: AutoencoderSpec,
+    train_spec: TrainSpec,
+    seed: int,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[Autoencoder, TrainReport, TrainingPrivacy]:
+    """Train one autoencoder with DP-SGD for the training part of ``train_spec.dp``'s budget.
+
+    The recipe is ``train_spec``'s (optimiser, scheduler, augmentation, batch size, epochs);
+    Opacus wraps the optimiser and replaces the shuffled batches by Poisson-sampled ones of
+    the same expected size. Deterministic for a given seed on a given device.
+
+    Returns
+    -------
+    tuple
+        The trained model (eval mode, CPU), the per-epoch losses and what was spent.
+    """
+    from opacus import PrivacyEngine  # heavy import: only when DP is on
+
+    from .model import Autoencoder, RandomAffine, TrainReport, _build_scheduler
+    from .registry import build
+
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"need a non-empty (n, D) feature matrix, got shape {tuple(x.shape)}")
+    n = int(x.shape[0])
+    budget = train_spec.dp.budget(n)
+    if train_spec.num_threads > 0:
+        torch.set_num_threads(train_spec.num_threads)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Autoencoder(int(x.shape[1]), model_spec).to(device)
+    make_optimizer = build("optimizer", train_spec.optimizer, partial=True)
+    assert callable(make_optimizer)
+    optimizer: torch.optim.Optimizer = make_optimizer(model.parameters())
+    augment = build("augment", train_spec.augment) if train_spec.augment is not None else None
+    if augment is not None and not isinstance(augment, RandomAffine):
+        raise ValueError(f"augment builds a {type(augment).__name__}, not an augmentation")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x.to(dtype=torch.float32, device="cpu")),
+        batch_size=train_spec.batch_size,
+        generator=torch.Generator().manual_seed(derive_seed(seed, _SAMPLING)),
+    )
+    epochs = train_spec.epochs_for(n)
+    steps_per_epoch = len(loader)  # Poisson sampling keeps the number of steps per epoch
+    noise = noise_multiplier(
+        budget.train_epsilon, budget.train_delta, 1.0 / steps_per_epoch, epochs * steps_per_epoch
+    )
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off: see the module docstring (seeded noise).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=ACCOUNTANT, secure_mode=False)
+    private_model, private_opt, criterion, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=ImageBce(),
+        data_loader=loader,
+        noise_multiplier=noise,
+        max_grad_norm=train_spec.dp.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode="ghost",
+        noise_generator=torch.Generator(device=device).manual_seed(derive_seed(seed, _NOISE)),
+    )
+    if len(private_loader) != steps_per_epoch:
+        raise RuntimeError("Poisson sampling changed the number of steps per epoch")
+    scheduler = _build_scheduler(train_spec.scheduler, private_opt, steps_per_epoch * epochs)
+    losses: list[float] = []
+    start = time.perf_counter()
+    private_model.train()
+    with warnings.catch_warnings():
+        # Ghost clipping runs a backward pass through layers whose inputs need no gradient,
+        # which torch reports on every call; it is expected.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for epoch in range(epochs):
+            total, seen = 0.0, 0
+            for (batch,) in private_loader:
+                batch = batch.to(device)
+                if augment is not None and batch.shape[0] > 0:
+                    batch = augment(batch, generator=gen)
+                # The hooks sit on the autoencoder's layers: its logits go through them.
+                loss = criterion(model.logits(batch), batch)
+                private_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                private_opt.step()  # an empty Poisson batch still takes a (pure noise) step
+                if scheduler is not None:
+                    scheduler.step()
+                if batch.shape[0] > 0:
+                    total += float(loss.detach()) * batch.shape[0]
+                    seen += batch.shape[0]
+            losses.append(total / max(seen, 1))
+            if on_epoch is not None:
+                on_epoch(epoch, losses[-1])
+    seconds = time.perf_counter() - start
+    private_model.to_standard_module()  # removes Opacus's hooks and attributes
+    model.eval()
+    history = tuple((float(z), float(q), int(k)) for z, q, k in engine.accountant.history)
+    spent = TrainingPrivacy(
+        epsilon=accountant_epsilon(history, budget.train_delta),
+        delta=budget.train_delta,
+        noise_multiplier=float(private_opt.noise_multiplier),
+        steps=int(sum(steps for _, _, steps in history)),
+        sample_rate=1.0 / steps_per_epoch,
+    )
+    return model.cpu(), TrainReport(losses=losses, seconds=seconds), spent
+
+
+@dataclass(frozen=True)
+class ReleasedStats:
+    """``mu``, ``sigma`` released by the Gaussian mechanism, and what the release spent."""
+
+    err_mean: float
+    err_std: float
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    bound: float
+
+
+def gaussian_noise_multiplier(epsilon: float, delta: float) -> tuple[float, float]:
+    """Noise multiplier of one Gaussian mechanism for ``(epsilon, delta)``, and its epsilon.
+
+    Opacus's search (``get_noise_multiplier``) with its RDP accountant, one step, no
+    subsampling; the second value is the accountant's epsilon at that noise (<= ``epsilon``).
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    alphas = list(STATS_ALPHAS)
+    sigma = float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=1.0,
+            steps=1,
+            accountant=ACCOUNTANT,
+            alphas=alphas,
+        )
+    )
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, 1.0, 1)]
+    return sigma, float(accountant.get_epsilon(delta=delta, alphas=alphas))
+
+
+def release_stats(
+    errors: torch.Tensor, bound: float, epsilon: float, delta: float, seed: int
+) -> ReleasedStats:
+    """Release the mean and standard deviation of ``errors`` clipped to ``[0, bound]``.
+
+    Gaussian mechanism on ``(sum c/B, sum (c/B)^2)`` (L2 sensitivity ``sqrt(2)`` under
+    add/remove of one image), then ``mu = B * S1 / n`` and
+    ``sigma = B * sqrt(S2 / n - (S1 / n)^2)`` with the public ``n``, clamped to ``[0, B]`` and
+    ``[1e-3 B, B / 2]`` (post-processing).
+    """
+    if errors.ndim != 1 or errors.numel() == 0:
+        raise ValueError("need a non-empty vector of errors")
+    check_number("bound", bound, above=0.0)
+    n = int(errors.numel())
+    clipped = errors.to(torch.float64).clamp(0.0, bound) / bound
+    sums = torch.stack([clipped.sum(), (clipped**2).sum()])
+    multiplier, spent = gaussian_noise_multiplier(epsilon, delta)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(2, generator=gen, dtype=torch.float64) * (multiplier * math.sqrt(2.0))
+    first, second = ((sums + noise) / n).tolist()
+    mean = min(max(first, 0.0), 1.0)
+    variance = max(second - mean * mean, 0.0)
+    std = min(max(math.sqrt(variance), 1e-3), 0.5)
+    return ReleasedStats(mean * bound, std * bound, spent, delta, multiplier, bound)
+
+
+@dataclass(frozen=True)
+class PrivateFit:
+    """A DP-trained autoencoder, its privately released ``mu``, ``sigma`` and the spend."""
+
+    model: Autoencoder
+    report: TrainReport
+    err_mean: float
+    err_std: float
+    spent: PrivacySpent
+
+
+def train_and_release(
+    x: torch.Tensor,
+    model_spec: AutoencoderSpec,
+    train_spec: TrainSpec,
+    seed: int,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> PrivateFit:
+    """DP-SGD training and the Gaussian release of ``mu``, ``sigma`` under one budget."""
+    n, dim = int(x.shape[0]), int(x.shape[1])
+    budget = train_spec.dp.budget(n)
+    model, report, trained = train_private(x, model_spec, train_spec, seed, device, on_epoch)
+    stats = release_stats(
+        reconstruction_errors(model, x),
+        bound=train_spec.dp.error_clip * dim,
+        epsilon=budget.stats_epsilon,
+        delta=budget.stats_delta,
+        seed=derive_seed(seed, _STATS),
+    )
+    spent = PrivacySpent(
+        epsilon=trained.epsilon + stats.epsilon,
+        delta=trained.delta + stats.delta,
+        noise_multiplier=trained.noise_multiplier,
+        train_epsilon=trained.epsilon,
+        stats_epsilon=stats.epsilon,
+        stats_noise_multiplier=stats.noise_multiplier,
+        steps=trained.steps,
+        sample_rate=trained.sample_rate,
+    )
+    log.info(
+        "DP-SGD: %d steps at sample rate %.4g, noise multiplier %.3f, epsilon %.3f; mu, sigma: "
+        "noise multiplier %.3f, epsilon %.3f; total epsilon %.3f at delta %.2g (%s accountant)",
+        spent.steps,
+        spent.sample_rate,
+        spent.noise_multiplier,
+        spent.train_epsilon,
+        spent.stats_noise_multiplier,
+        spent.stats_epsilon,
+        spent.epsilon,
+        spent.delta,
+        ACCOUNTANT,
+    )
+    return PrivateFit(model, report, stats.err_mean, stats.err_std, spent)

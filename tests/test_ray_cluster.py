@@ -1,0 +1,125 @@
+"""A simulation on a Ray cluster that is already running (``simulation.ray_address``).
+
+One test starts a one-node Ray head on loopback (``ray start --head --block``, tracked as a
+process tree and stopped at the end, never ``ray stop``, which would stop every Ray instance
+of this user), runs a 3-user experiment that joins it, and checks that the run's clients ran
+there: the ServerApp's Ray runtime reports that head's address, and the clients' log lines
+are in the head's session logs. The same run covers many users per class: 3 users share
+class 0 and owner accuracy is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from docl_flower.operations.processes import free_port, start_process, stop_tree, wait_for_port
+
+from .test_e2e import run_cli, small_run_args
+
+pytestmark = pytest.mark.slow
+RAY = shutil.which("ray", path=str(Path(os.sys.executable).parent))  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with its own (short: Ray's sockets live there) temp folder."""
+    assert RAY is not None, "ray's command line is missing from the venv"
+    temp = Path(tempfile.mkdtemp(prefix="ray-"))
+    port = free_port()
+    env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = start_process(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+        ],
+        tmp_path / "ray-head.log",
+        env,
+    )
+    try:
+        wait_for_port(proc, port, tmp_path / "ray-head.log", 120.0)
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        stop_tree(proc, grace_s=10.0)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _session_logs(temp: Path) -> str:
+    text = []
+    for path in temp.glob("session_*/logs/worker-*"):
+        text.append(path.read_text(errors="replace"))
+    return "\n".join(text)
+
+
+def test_a_run_joins_an_existing_ray_cluster_and_reports_owner_accuracy(
+    ray_head, tiny_root, tmp_path
+):
+    address, temp = ray_head
+    out = tmp_path / "run"
+    args = [
+        a for a in small_run_args(tiny_root, out) if not a.startswith("num_users=")
+    ]  # the partition sets the users
+    proc = run_cli(
+        *args,
+        f"simulation.ray_address={address}",
+        "partition=users_per_class",
+        "partition.users_per_class=3",
+        "partition.classes=[0]",
+        "train=scale",
+        "train.min_steps=50",
+        "train.calibration=train",
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    # Ray names the head by this machine's address, whatever interface it was reached on.
+    assert results["ray_cluster"]["gcs_address"].rsplit(":", 1)[1] == address.rsplit(":", 1)[1]
+    assert results["ray_cluster"]["alive_nodes"] == 1
+    assert results["ray_cluster"]["cpus"] == 2.0
+    assert results["registered"] == [0, 1, 2]
+    assert results["registered_classes"] == {"0": [0], "1": [0], "2": [0]}
+    assert results["per_class_accuracy"].keys() == {"0"}
+    # Owner accuracy: the 30 test images of class 0 are split between the three users.
+    assert 0.0 <= results["owner_accuracy"] <= 1.0
+    assert 0.0 <= results["owner_guarded_accuracy"] <= results["owner_accuracy"]
+    assert {"setup", "registration", "evaluation"} <= results["phase_seconds"].keys()
+    # The clients ran as workers of that cluster: their log lines are in its session logs.
+    deadline = time.time() + 20
+    while "training class 0" not in _session_logs(temp) and time.time() < deadline:
+        time.sleep(1)
+    logs = _session_logs(temp)
+    assert all(f"user {u}: training class 0" in logs for u in range(3)), logs[-2000:]
+
+
+@pytest.mark.parametrize("address", ["not an address", "", "ray://", "host:port", "1.2.3.4"])
+def test_a_bad_ray_address_is_refused_with_the_key(address):
+    import docl_flower.federation.workflows  # noqa: F401  (registers the workflows)
+    from docl_flower.core.config import build_experiment, compose_config
+
+    cfg = compose_config([])
+    cfg.simulation.ray_address = address
+    with pytest.raises(ValueError, match=r"simulation\.ray_address must be"):
+        build_experiment(cfg)
+
+
+def test_ray_env_sets_or_clears_the_address():
+    from docl_flower.operations.simulation import ray_env
+
+    base = {"RAY_ADDRESS": "10.0.0.1:6379", "X": "1"}
+    assert ray_env(base, None) == base
+    assert ray_env(base, "local") == {"X": "1"}
+    assert ray_env(base, "auto")["RAY_ADDRESS"] == "auto"
