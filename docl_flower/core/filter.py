@@ -1,15 +1,19 @@
 """The global filter (eq. 7-8) and the Guard: score every registered autoencoder, decide.
 
-No Flower here. Autoencoders of one shape are stacked into ``(N, M, D)`` tensors. The encoders
-run as one matrix product per chunk of images and block of autoencoders; the decoders and the
-error sums run either in the fused kernel of :mod:`docl_flower.native` (default) or as batched
+No Flower here. Autoencoders of one shape are stacked into ``(N, D, M)`` tensors. By default
+the fused kernel of :mod:`docl_flower.core.native` runs encoder, decoder and error sum of each
+(autoencoder, tile of images) in one pass; the ``"torch"`` kernel runs the encoders as one
+matrix product per chunk of images and block of autoencoders and the decoders as batched
 PyTorch products chunked over images and autoencoders, so that the ``(chunk, images, D)``
-intermediates stay small (see ``scripts/bench_filter.py``).
+intermediates stay small (see ``scripts/bench_filter.py``). The fused kernel also has a
+bfloat16 variant (``kernel="bf16"``, or ``"auto"`` where it is measured to win).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,8 +42,10 @@ class Registration:
     num_examples: int
 
 
+_warned = {"emulated": False}
+
 #: Values of :attr:`ScoringConfig.kernel`.
-KERNELS = ("native", "torch")
+KERNELS = ("native", "torch", "auto", "bf16")
 
 
 @dataclass(frozen=True)
@@ -53,20 +59,44 @@ class ScoringConfig:
     chunk_models : int
         Autoencoders per batched decoder product of the ``"torch"`` kernel.
     kernel : str
-        ``"native"``: the fused C++ kernel of :mod:`docl_flower.native`, compiled once per
-        process on first use; where it cannot be built (no compiler, no AVX-512), a warning
-        is logged and the ``"torch"`` path is used. ``"torch"``: PyTorch operations only.
+        ``"native"``: the fused float32 C++ kernel of :mod:`docl_flower.core.native`, compiled
+        once per process on first use; where it cannot be built (no compiler, no AVX-512), a
+        warning is logged and the ``"torch"`` path is used. ``"torch"``: PyTorch operations
+        only. ``"auto"``: the fused kernel in bfloat16 where the CPU has bfloat16 dot-product
+        instructions (``avx512_bf16``) and a measurement at the first filter of that shape
+        (:func:`prefer_bf16`) finds it faster than float32; else ``"native"``. ``"bf16"``:
+        the bfloat16 fused kernel in any case (emulated, and slower than float32, without
+        the instructions: for checking decisions, see :func:`decision_agreement`).
+    bf16_refine : bool
+        bfloat16 only: score again in float32 the entries that can decide (see
+        :meth:`GlobalFilter.scores`), so that the argmin and the Guards (alpha up to
+        ``refine_alpha``) decide as in float32. False: bfloat16 scores as they are.
+    bf16_margin : float
+        Relative margin of that refinement (0.1: entries within 10% of the image's best
+        score, or of a registration's bound ``mu + refine_alpha * sigma``); larger than the
+        relative bfloat16 error measured on trained MNIST autoencoders (at most 4.6%).
+    refine_alpha : float
+        Largest Guard alpha whose decisions the refinement keeps exact.
     """
 
     chunk_images: int = 512
     chunk_models: int = 4
     kernel: str = "native"
+    bf16_refine: bool = True
+    bf16_margin: float = 0.1
+    refine_alpha: float = 5.0
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.chunk_images < 1 or self.chunk_models < 1:
             raise ValueError("chunk sizes must be >= 1")
+        if not isinstance(self.bf16_refine, bool):
+            raise ValueError(f"bf16_refine must be true or false, got {self.bf16_refine!r}")
+        for name in ("bf16_margin", "refine_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
 class ScoredFilter:
@@ -158,26 +188,35 @@ class GlobalFilter(ScoredFilter):
         self.scoring = scoring or ScoringConfig()
         self.registrations = tuple(registrations)
 
-        def stack(name: str) -> torch.Tensor:
-            arrays = [np.asarray(r.params[name], dtype=np.float32) for r in registrations]
-            shapes = {a.shape for a in arrays}
+        names = {n: {np.shape(r.params[n]) for r in registrations} for n in PARAM_NAMES}
+        for name, shapes in names.items():
             if len(shapes) != 1:
                 raise ValueError(f"autoencoders differ in the shape of {name}: {sorted(shapes)}")
-            return torch.from_numpy(np.stack(arrays)).contiguous()
-
-        enc_w, enc_b, dec_w, dec_b = (stack(n) for n in PARAM_NAMES)
-        n_models, hidden, dim = enc_w.shape
+        n_models = len(registrations)
+        hidden, dim = (int(k) for k in next(iter(names["encoder.weight"])))
         self._hidden = hidden
         self._dim = dim
-        self._kernel = native.load() if self.scoring.kernel == "native" else None
+        self._precision = "float32"
+        self._kernel = native.load() if self.scoring.kernel != "torch" else None
         if self._kernel is not None:
-            # Fused kernel: encoders as rows (N * M, D); decoders (N, D, M) and their biases
-            # times -log2(e), so that the kernel computes t = -z log2(e), sigmoid = 1/(1 + 2^t).
-            self._w1 = enc_w.reshape(n_models * hidden, dim)
-            self._b1 = enc_b
-            self._w2 = (native.NEG_LOG2E * dec_w).contiguous()
-            self._b2 = (native.NEG_LOG2E * dec_b).contiguous()
+            if self.scoring.kernel == "bf16" or (
+                self.scoring.kernel == "auto" and prefer_bf16(dim, hidden)
+            ):
+                self._precision = "bfloat16"
+                if not self._kernel.bf16_hardware and not _warned["emulated"]:
+                    _warned["emulated"] = True
+                    log.warning(
+                        "bfloat16 scoring without AVX512_BF16 instructions: emulated, slower "
+                        "than float32 (use it to check decisions, not for speed)"
+                    )
+            self._pack_native(registrations)
         else:
+
+            def stack(name: str) -> torch.Tensor:
+                arrays = [np.asarray(r.params[name], dtype=np.float32) for r in registrations]
+                return torch.from_numpy(np.stack(arrays)).contiguous()
+
+            enc_w, enc_b, dec_w, dec_b = (stack(n) for n in PARAM_NAMES)
             # Biases folded into the products (one extra input column of ones), so that no
             # separate pass adds them. Encoder: all autoencoders side by side, (D + 1, N * M).
             self._enc = torch.cat(
@@ -189,6 +228,7 @@ class GlobalFilter(ScoredFilter):
             self._dec = (
                 0.5 * torch.cat([dec_w.transpose(1, 2), dec_b[:, None, :]], dim=1)
             ).contiguous()
+            self._held: tuple[torch.Tensor, ...] = (self._enc, self._dec)
         super().__init__(
             labels=torch.tensor([r.label for r in registrations]),
             owners=torch.tensor([r.user_id for r in registrations]),
@@ -203,66 +243,176 @@ class GlobalFilter(ScoredFilter):
 
     @property
     def kernel(self) -> str:
-        """The kernel in use: ``"native"`` or ``"torch"`` (also when native was asked for)."""
-        return "native" if self._kernel is not None else "torch"
+        """The kernel in use: ``"native"``, ``"bf16"`` or ``"torch"``.
+
+        ``"native"`` is the fused float32 kernel, ``"bf16"`` the fused bfloat16 one; ``"torch"``
+        also when another was asked for but the fused kernel cannot be built.
+        """
+        if self._kernel is None:
+            return "torch"
+        return "bf16" if self._precision == "bfloat16" else "native"
+
+    @property
+    def bf16_emulated(self) -> bool:
+        """Whether the kernel in use is the bfloat16 one without bfloat16 instructions."""
+        return self._kernel is not None and self.kernel == "bf16" and not self._kernel.bf16_hardware
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stacked tensors that the scoring path holds (weights and biases)."""
+        return int(sum(t.numel() * t.element_size() for t in self._held))
+
+    def _pack_native(self, registrations: Sequence[Registration]) -> None:
+        """Stack the autoencoders the way the fused kernel reads them.
+
+        One autoencoder at a time, so that no second full-size copy exists: encoders
+        ``(N, D, M)``, decoders transposed, ``(N, M, D)``, times ``-log2(e)`` (the kernel
+        computes ``t = -z log2(e)``, sigmoid = 1/(1 + 2^t)), biases ``(N, M)`` and ``(N, D)``
+        (the decoder's times ``-log2(e)``). In bfloat16 the weights are rounded to nearest
+        even and paired along the summed axis: encoders ``(N, D/2, M)`` and decoders
+        ``(N, M/2, D)``, two bfloat16 in one 32-bit word. One layout serves both image tiles
+        and single images.
+        """
+        n, m, d = len(registrations), self._hidden, self._dim
+        b1 = np.empty((n, m), np.float32)
+        b2 = np.empty((n, d), np.float32)
+        bf16 = self._precision == "bfloat16"
+        if bf16:
+            w1 = torch.empty(n, (d + 1) // 2, m, dtype=torch.int32)
+            w2 = torch.empty(n, (m + 1) // 2, d, dtype=torch.int32)
+        else:
+            w1 = torch.empty(n, d, m)
+            w2 = torch.empty(n, m, d)
+        w1_np, w2_np = w1.numpy(), w2.numpy()
+        scale = np.float32(native.NEG_LOG2E)
+        for i, r in enumerate(registrations):
+            enc = np.asarray(r.params["encoder.weight"], dtype=np.float32)  # (M, D)
+            dec = np.asarray(r.params["decoder.weight"], dtype=np.float32)  # (D, M)
+            b1[i] = r.params["encoder.bias"]
+            np.multiply(np.asarray(r.params["decoder.bias"], np.float32), scale, out=b2[i])
+            if bf16:
+                w1_np[i] = _bf16_pairs(enc, axis=1).T  # pairs of features, (D/2, M)
+                w2_np[i] = _bf16_pairs(dec * scale, axis=1).T  # pairs of hidden units, (M/2, D)
+            else:
+                w1_np[i] = enc.T
+                np.multiply(dec.T, scale, out=w2_np[i])
+        self._w1, self._w2 = w1, w2
+        self._b1, self._b2 = torch.from_numpy(b1), torch.from_numpy(b2)
+        self._held = (self._w1, self._b1, self._w2, self._b2)
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 7-8: ``d_i(x)`` for every image (rows) and autoencoder (columns), shape (n, N).
 
-        Images are processed in chunks of ``chunk_images``; for each chunk the encoders of a
-        block of autoencoders run as one matrix product. The decoders then run in the fused
-        kernel (``kernel="native"``), or as batched products over ``chunk_models``
-        autoencoders at a time, so the ``(chunk_models, chunk_images, D)`` intermediate stays
-        in cache.
+        Fused kernel (``"native"``, ``"bf16"``): up to ``ROWS_MAX`` images are scored one at
+        a time, vectorised over features and hidden units (an upload service's single
+        image); more in chunks of ``chunk_images`` and tiles of 16-64 images, every
+        (autoencoder, tile) in one pass over registers. In bfloat16, the entries that can
+        decide are then scored again in float32 (:attr:`ScoringConfig.bf16_refine`).
+        ``"torch"``: for each chunk the encoders of a block of autoencoders run as one matrix
+        product and the decoders as batched products over ``chunk_models`` autoencoders at a
+        time, so the ``(chunk_models, chunk_images, D)`` intermediate stays in cache.
         """
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"features must be (n, {self.dim}), got {tuple(x.shape)}")
         x = x.to(torch.float32)
         if self._kernel is not None:
-            return self._scores_native(x, self._kernel)
+            out = self._scores_native(x, self._kernel)
+            if self._precision == "bfloat16" and self.scoring.bf16_refine:
+                self._refine(x, out)
+            return out
         return self._scores_torch(x)
+
+    def _refine(self, x: torch.Tensor, scores: torch.Tensor) -> None:
+        """Score again, in float32, the bfloat16 entries that can decide (in place).
+
+        An entry can decide the argmin when it lies within ``bf16_margin`` (relative) of its
+        image's best score, and a Guard (alpha up to ``refine_alpha``, one- or two-sided)
+        when it lies below ``(1 + bf16_margin) * (mu + refine_alpha * sigma)``. Each
+        registration with such entries is scored in float32 on those images only, from its
+        float32 parameters; the other entries keep their bfloat16 scores.
+        """
+        margin = 1.0 + self.scoring.bf16_margin
+        safe = torch.nan_to_num(scores, nan=float("inf"))
+        best = safe.min(dim=1, keepdim=True).values
+        bound = (self.mu + self.scoring.refine_alpha * self.sigma).to(torch.float32)
+        band = (safe <= best * margin) | (safe <= bound[None, :] * margin)
+        cols, rows = band.T.nonzero(as_tuple=True)  # grouped by registration
+        if rows.numel() == 0:
+            return
+        models, counts = torch.unique_consecutive(cols, return_counts=True)
+        exact = ScoringConfig(self.scoring.chunk_images, self.scoring.chunk_models, "native")
+        start = 0
+        for a, count in zip(models.tolist(), counts.tolist(), strict=True):
+            images = rows[start : start + count]
+            start += count
+            one = GlobalFilter([self.registrations[a]], exact)
+            scores[images, a] = one.scores(x[images])[:, 0]
+
+    #: At most this many images are scored one at a time (vectorised over features), more
+    #: in tiles of 16, 32 or 64 images (vectorised over images).
+    ROWS_MAX = 12
 
     def _scores_native(self, x: torch.Tensor, kernel: native.Kernel) -> torch.Tensor:
         n, big_n, m, d = x.shape[0], self.size, self._hidden, self._dim
-        lanes = kernel.lanes
-        ci = -(-self.scoring.chunk_images // lanes) * lanes
-        width = min(ci, -(-n // lanes) * lanes)
-        block = min(self._ENCODER_BLOCK, big_n)
+        bf16 = self._precision == "bfloat16"
         threads = torch.get_num_threads()
         out = torch.empty(n, big_n, dtype=torch.float32)
-        # Flat buffers, viewed per chunk as contiguous (D, width) images-as-columns (zero
-        # padded to whole tiles) and (block * M, width) encoder products.
         x = x.contiguous()
+        weights = tuple(t.data_ptr() for t in (self._w1, self._b1, self._w2, self._b2))
+        if n <= self.ROWS_MAX:
+            xq = _bf16_pairs(x.numpy(), axis=1) if bf16 else None
+            kernel.lib.docl_rows(
+                x.data_ptr(),
+                d,
+                xq.ctypes.data if xq is not None else None,
+                (d + 1) // 2,
+                *weights,
+                out.data_ptr(),
+                big_n,
+                1,
+                big_n,
+                m,
+                d,
+                n,
+                int(bf16),
+                threads,
+            )
+            return out
+        # Flat buffers, viewed per chunk as contiguous (D, width) images-as-columns (zero
+        # padded to whole tiles) and, in bfloat16, (D/2, width) pairs of features.
+        ci = -(-self.scoring.chunk_images // kernel.lanes) * kernel.lanes
+        first = min(ci, n)
+        width = _round_up(first, _tile(first, kernel.lanes))
         x_buf = torch.empty(d * width)
-        h_buf = torch.empty(block * m * width)
+        p_buf = torch.empty(((d + 1) // 2) * width, dtype=torch.int32) if bf16 else None
         for i0 in range(0, n, ci):
             b = min(ci, n - i0)
-            bp = -(-b // lanes) * lanes
-            xt = x_buf[: d * bp].view(d, bp)
+            lanes = _tile(b, kernel.lanes)
+            bp = _round_up(b, lanes)
+            xt = x_buf[: d * bp]
             kernel.lib.docl_transpose(x[i0].data_ptr(), d, b, d, xt.data_ptr(), bp, bp, threads)
-            for k0 in range(0, big_n, block):
-                k1 = min(k0 + block, big_n)
-                h = h_buf[: (k1 - k0) * m * bp].view((k1 - k0) * m, bp)
-                torch.mm(self._w1[k0 * m : k1 * m], xt, out=h)
-                kernel.lib.docl_score(
-                    h.data_ptr(),
-                    bp,
-                    self._b1[k0].data_ptr(),
-                    self._w2[k0].data_ptr(),
-                    self._b2[k0].data_ptr(),
-                    xt.data_ptr(),
-                    bp,
-                    out[i0, k0:].data_ptr(),
-                    big_n,
-                    1,
-                    k1 - k0,
-                    m,
-                    d,
-                    bp,
-                    b,
-                    threads,
-                )
+            xp = None
+            if p_buf is not None:
+                xp = p_buf.data_ptr()
+                kernel.lib.docl_pack_bf16(xt.data_ptr(), bp, d, bp, xp, bp, threads)
+            kernel.lib.docl_fused(
+                xt.data_ptr(),
+                xp,
+                bp,
+                *weights,
+                out[i0].data_ptr(),
+                big_n,
+                1,
+                big_n,
+                m,
+                d,
+                bp,
+                b,
+                lanes,
+                int(bf16),
+                threads,
+            )
         return out
 
     def _scores_torch(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,6 +441,105 @@ class GlobalFilter(ScoredFilter):
                     err = torch.linalg.vector_norm(t, dim=2).square_().mul_(0.25)
                     out[i0 : i0 + b, j0:j1] = err.T
         return out
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _tile(n: int, widest: int) -> int:
+    """Images per tile of the fused kernel for a chunk of ``n``: 16, 32 or ``widest`` (64)."""
+    return next((w for w in (16, 32) if n <= w), widest)
+
+
+def _bf16_pairs(a: NDArray[np.float32], axis: int) -> NDArray[np.int32]:
+    """``a`` rounded to bfloat16, two neighbours along ``axis`` in one 32-bit word.
+
+    Round to nearest even (NaN stays NaN); ``axis`` is zero padded to an even length; the
+    even index goes into the low half of the word.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, axis, -1), dtype=np.float32))
+    if t.shape[-1] % 2:
+        t = torch.nn.functional.pad(t, (0, 1))
+    pairs = t.to(torch.bfloat16).view(torch.int16).view(torch.int32).numpy()
+    return np.moveaxis(pairs, -1, axis)
+
+
+def bf16_available() -> bool:
+    """Whether bfloat16 scoring runs on bfloat16 instructions here.
+
+    True where the CPU reports ``avx512_bf16`` and the fused kernel was compiled for it.
+    """
+    kernel = native.load()
+    return kernel is not None and kernel.bf16_hardware and native.cpu_has_bf16()
+
+
+def measure_kernels(
+    dim: int, hidden: int, models: int = 64, images: int = 256, repeats: int = 3
+) -> dict[str, float]:
+    """Seconds per image and autoencoder of the fused float32 and bfloat16 kernels.
+
+    Measured now on ``models`` random autoencoders of this shape and ``images`` images, best
+    of ``repeats``; keys ``"native"`` and ``"bf16"``.
+    """
+    rng = np.random.default_rng(0)
+    shapes = {"encoder.weight": (hidden, dim), "encoder.bias": (hidden,)}
+    shapes |= {"decoder.weight": (dim, hidden), "decoder.bias": (dim,)}
+    regs = [
+        Registration(
+            u,
+            u,
+            {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in shapes.items()},
+            1.0,
+            1.0,
+            1,
+        )
+        for u in range(models)
+    ]
+    x = torch.rand(images, dim)
+    seconds = {}
+    for kernel in ("native", "bf16"):
+        flt = GlobalFilter(regs, ScoringConfig(kernel=kernel, bf16_refine=False))
+        flt.scores(x)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            flt.scores(x)
+            best = min(best, time.perf_counter() - start)
+        seconds[kernel] = best / (images * models)
+    return seconds
+
+
+#: Margin by which bfloat16 must beat float32 in :func:`prefer_bf16` (measurement noise).
+BF16_MARGIN = 0.9
+_bf16_choice: dict[tuple[int, int, int], bool] = {}
+_bf16_lock = threading.Lock()
+
+
+def prefer_bf16(dim: int, hidden: int) -> bool:
+    """Whether ``kernel="auto"`` scores autoencoders of this shape in bfloat16.
+
+    Only where :func:`bf16_available` and, measured once per process, shape and thread count
+    (:func:`measure_kernels`), bfloat16 takes at most :data:`BF16_MARGIN` of the float32
+    time. Never on a CPU without bfloat16 instructions.
+    """
+    if not bf16_available():
+        return False
+    key = (dim, hidden, torch.get_num_threads())
+    with _bf16_lock:
+        if key not in _bf16_choice:
+            seconds = measure_kernels(dim, hidden)
+            _bf16_choice[key] = seconds["bf16"] <= BF16_MARGIN * seconds["native"]
+            log.info(
+                "scoring kernel for D=%d, M=%d: %s (float32 %.3g s, bfloat16 %.3g s per image "
+                "and autoencoder)",
+                dim,
+                hidden,
+                "bf16" if _bf16_choice[key] else "native",
+                seconds["native"],
+                seconds["bf16"],
+            )
+        return _bf16_choice[key]
 
 
 def reference_scores(registrations: Sequence[Registration], x: torch.Tensor) -> torch.Tensor:
@@ -373,6 +622,37 @@ GUARDS: dict[str, type[ArgminGuard] | type[StrictGuard]] = {
     "paper": ArgminGuard,
     "strict": StrictGuard,
 }
+
+
+def decision_agreement(
+    flt: ScoredFilter,
+    reference: torch.Tensor,
+    other: torch.Tensor,
+    guards: Sequence[Guard] = (),
+    uploader: torch.Tensor | int = OUTSIDER,
+) -> dict[str, float]:
+    """How often two score matrices of the same images under ``flt`` decide alike.
+
+    For instance float32 (``reference``) and bfloat16 (``other``) scoring. Returns the
+    fraction of images (rows) with the same best registration ``i*`` (``"argmin"``), the same
+    block decision of each Guard for ``uploader`` (keyed ``"guard:<name>"``, see
+    :func:`guard_name`), the number of images and the largest relative score difference.
+    """
+    if reference.shape != other.shape or reference.ndim != 2:
+        raise ValueError(f"score matrices differ: {tuple(reference.shape)}, {tuple(other.shape)}")
+    n = reference.shape[0]
+    if n == 0:
+        raise ValueError("no images to compare")
+    out = {"images": float(n)}
+    same = flt.predict(reference)[0] == flt.predict(other)[0]
+    out["argmin"] = same.double().mean().item()
+    for guard in guards:
+        blocks = guard.block(flt, reference, uploader) == guard.block(flt, other, uploader)
+        out[f"guard:{guard_name(guard)}"] = blocks.double().mean().item()
+    ref = reference.to(torch.float64)
+    rel = (other.to(torch.float64) - ref).abs() / ref.abs().clamp_min(1e-30)
+    out["max_relative_difference"] = torch.nan_to_num(rel, nan=float("inf")).max().item()
+    return out
 
 
 def make_guard(name: str, alpha: float, sided: str = "two") -> Guard:

@@ -1,13 +1,14 @@
-"""A fused AVX-512 kernel for the decoder half of the global filter, built on first use.
+"""A fused AVX-512 scoring kernel of the global filter, built on first use.
 
-The decoder product, the sigmoid, the difference to the image and the sum of squares run in
-one pass over register tiles, so the ``(images, D)`` decoder output never reaches memory
-(see :meth:`docl_flower.core.filter.GlobalFilter.scores`). The C++ source,
-``native_kernel.cpp`` (package data next to this module), is compiled once per process
-with the system C++ compiler (``$CXX``, else ``g++``/``c++``) and
-``-march=native``, cached on disk by a hash of source, flags and CPU flags, and loaded with
-:mod:`ctypes`. It uses OpenMP; linked against the ``libgomp`` that PyTorch already loaded, it
-shares PyTorch's worker threads.
+Per autoencoder and tile of images, the encoder product, the ReLU, the decoder product, the
+sigmoid, the difference to the image and the sum of squares run in one pass over register
+tiles: neither the hidden code nor the ``(images, D)`` decoder output reaches memory (see
+:meth:`docl_flower.core.filter.GlobalFilter.scores`). Tiles are 16, 32 or 64 images wide, so
+that one image (an upload service checks one at a time) does not pay for 64. The C++ source,
+``native_kernel.cpp`` (package data next to this module), is compiled once per process with
+the system C++ compiler (``$CXX``, else ``g++``/``c++``) and ``-march=native``, cached on disk
+by a hash of source, flags and CPU flags, and loaded with :mod:`ctypes`. It uses OpenMP;
+linked against the ``libgomp`` that PyTorch already loaded, it shares PyTorch's worker threads.
 
 :func:`load` returns ``None`` (and logs why) where no compiler, no AVX-512 or no x86-64 is
 available; the filter then scores with plain PyTorch.
@@ -16,7 +17,13 @@ Math, per autoencoder and image (``t`` is computed directly, the decoder rows be
 pre-multiplied by ``-log2(e)`` when packed): ``t = -log2(e) * (W2 h + b2)``,
 ``sigmoid = 1 / (1 + 2^t)``, ``2^t = 2^n * p(t - n)`` with ``n = round(t)`` and ``p`` a
 degree-6 polynomial (relative error about 1e-7 on ``[-1/2, 1/2]``), ``1 / d`` by ``rcp14``
-and one Newton step. The result matches the PyTorch path to float32 rounding.
+and one Newton step. The float32 result matches the PyTorch path to float32 rounding.
+
+The same kernel has a bfloat16 variant (weights, images and hidden code rounded to bfloat16,
+products summed in float32, sigmoid and error in float32): on AVX512_BF16 instructions where
+the compiler targets them (``-march=native`` on a CPU with ``avx512_bf16``;
+:attr:`Kernel.bf16_hardware`), else emulated with float32 FMAs (same numbers up to the order
+of two additions, slower than float32: for checking the decisions on any AVX-512 machine).
 """
 
 from __future__ import annotations
@@ -83,19 +90,25 @@ class Kernel:
     Attributes
     ----------
     lib : ctypes.CDLL
-        Exposes ``docl_score``, ``docl_transpose`` (see the C++ source) and ``docl_lanes``.
+        Exposes ``docl_fused`` (tiles of images), ``docl_rows`` (one image at a time),
+        ``docl_transpose``, ``docl_pack_bf16`` (see the C++ source), ``docl_lanes`` and
+        ``docl_bf16_hardware``.
     lanes : int
-        Images per tile; the image count passed to ``docl_score`` must be a multiple.
+        Widest tile of images (64); tiles of 16 and 32 images serve small batches. The image
+        count passed to ``docl_fused`` must be a multiple of the tile width used.
     build_seconds : float
         Seconds spent compiling in this process (0 when loaded from the disk cache).
     path : Path
         The shared library.
+    bf16_hardware : bool
+        Whether the bfloat16 variant runs on AVX512_BF16 instructions (else it is emulated).
     """
 
     lib: ctypes.CDLL
     lanes: int
     build_seconds: float
     path: Path
+    bf16_hardware: bool = False
 
 
 _lock = threading.Lock()
@@ -110,6 +123,26 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (``/proc/cpuinfo``; empty if unknown)."""
+    line = _cpu_flags()
+    return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
+
+
+#: CPU flags that mean bfloat16 dot products in hardware (AMX CPUs also list ``avx512_bf16``).
+BF16_FLAGS = ("avx512_bf16",)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU reports bfloat16 dot-product instructions (``avx512_bf16``).
+
+    Read from the operating system's flags (``/proc/cpuinfo``), whatever the vendor; a
+    hypervisor that hides the instructions hides the flag too.
+    """
+    flags = cpu_flags()
+    return any(f in flags for f in BF16_FLAGS)
 
 
 def _cache_dir() -> Path:
@@ -172,13 +205,22 @@ def _build() -> Kernel | None:
         return None
     lib.docl_lanes.restype = ctypes.c_int
     lib.docl_lanes.argtypes = []
-    lib.docl_score.restype = None
+    lib.docl_bf16_hardware.restype = ctypes.c_int
+    lib.docl_bf16_hardware.argtypes = []
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.docl_score.argtypes = [ptr, long_, ptr, ptr, ptr, ptr, long_, ptr, long_, long_]
-    lib.docl_score.argtypes += [int_] * 6
+    lib.docl_fused.restype = None
+    lib.docl_fused.argtypes = [ptr, ptr, long_, ptr, ptr, ptr, ptr, ptr, long_, long_]
+    lib.docl_fused.argtypes += [int_] * 8
     lib.docl_transpose.restype = None
     lib.docl_transpose.argtypes = [ptr, long_, int_, int_, ptr, long_, int_, int_]
-    return Kernel(lib, int(lib.docl_lanes()), seconds, path)
+    lib.docl_pack_bf16.restype = None
+    lib.docl_pack_bf16.argtypes = [ptr, long_, int_, int_, ptr, long_, int_]
+    lib.docl_rows.restype = None
+    lib.docl_rows.argtypes = [ptr, long_, ptr, long_, ptr, ptr, ptr, ptr, ptr, long_, long_]
+    lib.docl_rows.argtypes += [int_] * 6
+    return Kernel(
+        lib, int(lib.docl_lanes()), seconds, path, bf16_hardware=bool(lib.docl_bf16_hardware())
+    )
 
 
 def load() -> Kernel | None:
