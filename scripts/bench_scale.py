@@ -73,7 +73,7 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "load_average_start": os.getloadavg(),
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
     }
 
 
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(rows), flush=True)
     if not args.no_default:
         rows.append(row("default-10", list(args.extra), args.out, args.reuse, args.skip_plain))
-    info["load_average_end"] = os.getloadavg()
+    info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     checks = verdicts(rows)
     report = {"machine": info, "rows": rows, "targets": checks}
     args.out.mkdir(parents=True, exist_ok=True)
