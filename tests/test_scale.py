@@ -315,3 +315,27 @@ def test_the_gpu_checks_scoring_matches_the_reference_and_it_refuses_without_cud
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", "unused"]) == 2
+
+
+def test_the_run_table_shows_owner_accuracy_and_dp_when_present():
+    from docl_flower.core.results import RunResult
+    from docl_flower.operations.main import format_table
+
+    base = {
+        "method": "docl",
+        "overall_accuracy": 0.9,
+        "per_class_accuracy": {"0": 0.9},
+        "rounds": 1,
+        "registered": [0, 1],
+        "failed": {},
+        "bytes_uploaded": {"0": 1, "1": 1},
+        "bytes_downloaded": {"0": 0, "1": 0},
+        "receives_others_parameters": False,
+        "train_seconds": {},
+    }
+    plain = format_table(RunResult.from_dict(base))
+    assert "owner accuracy" not in plain and "DP epsilon" not in plain
+    dp = {"0": {"epsilon": 7.99, "delta": 1e-5, "noise_multiplier": 1.2}}
+    text = format_table(RunResult.from_dict({**base, "owner_accuracy": 0.25, "dp": dp}))
+    assert "owner accuracy" in text and "0.2500" in text
+    assert "DP epsilon, delta (max over users)  7.990, 1e-05" in text

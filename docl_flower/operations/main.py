@@ -35,6 +35,10 @@ def format_table(results: RunResult) -> str:
         rows.append(("owner accuracy", f"{r.owner_accuracy:.4f}"))
     if r.owner_guarded_accuracy is not None:
         rows.append(("owner guarded accuracy", f"{r.owner_guarded_accuracy:.4f}"))
+    if r.dp:
+        spent = max(v["epsilon"] for v in r.dp.values())
+        delta = max(v["delta"] for v in r.dp.values())
+        rows.append(("DP epsilon, delta (max over users)", f"{spent:.3f}, {delta:.2g}"))
     if r.sampled_classifier_accuracy is not None:
         rows.append(("sampled-feature classifier accuracy", f"{r.sampled_classifier_accuracy:.4f}"))
     rows.append(("rounds", f"{r.rounds}"))
