@@ -311,25 +311,15 @@ def train_private(
     """
     from opacus import PrivacyEngine  # heavy import: only when DP is on
 
-    from .model import Autoencoder, RandomAffine, TrainReport, _build_scheduler
-    from .registry import build
+    from .model import TrainReport, _build_scheduler, prepare_training
 
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"need a non-empty (n, D) feature matrix, got shape {tuple(x.shape)}")
     n = int(x.shape[0])
     budget = train_spec.dp.budget(n)
-    if train_spec.num_threads > 0:
-        torch.set_num_threads(train_spec.num_threads)
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = Autoencoder(int(x.shape[1]), model_spec).to(device)
-    make_optimizer = build("optimizer", train_spec.optimizer, partial=True)
-    assert callable(make_optimizer)
-    optimizer: torch.optim.Optimizer = make_optimizer(model.parameters())
-    augment = build("augment", train_spec.augment) if train_spec.augment is not None else None
-    if augment is not None and not isinstance(augment, RandomAffine):
-        raise ValueError(f"augment builds a {type(augment).__name__}, not an augmentation")
+    device, gen, model, optimizer, augment = prepare_training(
+        x, model_spec, train_spec, seed, device
+    )
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x.to(dtype=torch.float32, device="cpu")),
         batch_size=train_spec.batch_size,

@@ -349,6 +349,35 @@ def _build_scheduler(
     return sched
 
 
+def prepare_training(
+    x: torch.Tensor,
+    model_spec: AutoencoderSpec,
+    train_spec: TrainSpec,
+    seed: int,
+    device: torch.device | str,
+) -> tuple[torch.device, torch.Generator, Autoencoder, torch.optim.Optimizer, RandomAffine | None]:
+    """The start of every training loop (plain and DP-SGD), in one order for reproducibility.
+
+    Threads, seeds, the freshly initialised autoencoder on ``device``, its optimiser and the
+    augmentation, all from ``train_spec``; returns them with the batch-order generator.
+    """
+    if train_spec.num_threads > 0:
+        torch.set_num_threads(train_spec.num_threads)
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Autoencoder(int(x.shape[1]), model_spec).to(dev)
+    from .registry import build  # the registry imports this module
+
+    make_optimizer = build("optimizer", train_spec.optimizer, partial=True)
+    assert callable(make_optimizer)
+    optimizer: torch.optim.Optimizer = make_optimizer(model.parameters())
+    augment = build("augment", train_spec.augment) if train_spec.augment is not None else None
+    if augment is not None and not isinstance(augment, RandomAffine):
+        raise ValueError(f"augment builds a {type(augment).__name__}, not an augmentation")
+    return dev, gen, model, optimizer, augment
+
+
 def train_autoencoder(
     x: torch.Tensor,
     model_spec: AutoencoderSpec,
@@ -373,23 +402,12 @@ def train_autoencoder(
             "train_autoencoder trains without differential privacy; with dp.epsilon set use "
             "calibration.train_and_calibrate (DP-SGD and a private mu, sigma)"
         )
-    if train_spec.num_threads > 0:
-        torch.set_num_threads(train_spec.num_threads)
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = Autoencoder(x.shape[1], model_spec).to(device)
-    from .registry import build  # the registry imports this module
-
-    make_optimizer = build("optimizer", train_spec.optimizer, partial=True)
-    assert callable(make_optimizer)
-    optimizer: torch.optim.Optimizer = make_optimizer(model.parameters())
+    device, gen, model, optimizer, augment = prepare_training(
+        x, model_spec, train_spec, seed, device
+    )
     steps_per_epoch = math.ceil(x.shape[0] / train_spec.batch_size)
     epochs = train_spec.epochs_for(x.shape[0])
     scheduler = _build_scheduler(train_spec.scheduler, optimizer, steps_per_epoch * epochs)
-    augment = build("augment", train_spec.augment) if train_spec.augment is not None else None
-    if augment is not None and not isinstance(augment, RandomAffine):
-        raise ValueError(f"augment builds a {type(augment).__name__}, not an augmentation")
     data = x.to(device=device, dtype=torch.float32)
     losses: list[float] = []
     start = time.perf_counter()
