@@ -1,61 +1,34 @@
 """A simulation on a Ray cluster that is already running (``simulation.ray_address``).
 
-One test starts a one-node Ray head on loopback (``ray start --head --block``, tracked as a
-process tree and stopped at the end, never ``ray stop``, which would stop every Ray instance
-of this user), runs a 3-user experiment that joins it, and checks that the run's clients ran
-there: the ServerApp's Ray runtime reports that head's address, and the clients' log lines
-are in the head's session logs. The same run covers many users per class: 3 users share
+One test starts a one-node Ray head on loopback (``ray start --head --block``, the same head
+that ``docl-flower`` starts for a run of its own: tracked as a process tree and killed at the
+end, never ``ray stop``, which would stop every Ray instance of this user), runs a 3-user
+experiment that joins it, and checks that the run's clients ran there: the ServerApp's Ray
+runtime reports that head's address, and the clients' log lines are in the head's session
+logs. The same run covers many users per class: 3 users share
 class 0 and owner accuracy is reported.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from docl_flower.operations.processes import free_port, start_process, stop_tree, wait_for_port
+from docl_flower.operations.simulation import ray_head
 
 from .test_e2e import run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
-RAY = shutil.which("ray", path=str(Path(os.sys.executable).parent))  # type: ignore[attr-defined]
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head on 127.0.0.1 with its own (short: Ray's sockets live there) temp folder."""
-    assert RAY is not None, "ray's command line is missing from the venv"
-    temp = Path(tempfile.mkdtemp(prefix="ray-"))
-    port = free_port()
-    env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = start_process(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            f"--temp-dir={temp}",
-        ],
-        tmp_path / "ray-head.log",
-        env,
-    )
-    try:
-        wait_for_port(proc, port, tmp_path / "ray-head.log", 120.0)
-        yield f"127.0.0.1:{port}", temp
-    finally:
-        stop_tree(proc, grace_s=10.0)
-        shutil.rmtree(temp, ignore_errors=True)
+def cluster(tmp_path):
+    """A Ray head on 127.0.0.1 with 2 CPUs and its own short temp folder (Ray's sockets)."""
+    with ray_head(tmp_path, num_cpus=2) as head:
+        yield head.address, head.temp_dir
 
 
 def _session_logs(temp: Path) -> str:
@@ -66,9 +39,9 @@ def _session_logs(temp: Path) -> str:
 
 
 def test_a_run_joins_an_existing_ray_cluster_and_reports_owner_accuracy(
-    ray_head, tiny_root, tmp_path
+    cluster, tiny_root, tmp_path
 ):
-    address, temp = ray_head
+    address, temp = cluster
     out = tmp_path / "run"
     args = [
         a for a in small_run_args(tiny_root, out) if not a.startswith("num_users=")

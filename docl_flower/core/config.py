@@ -7,6 +7,7 @@ client needs travels as JSON (:class:`ClientSpec`) inside the train message's Co
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import re
@@ -77,10 +78,11 @@ _RAY_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*:[0-9]{1,5}")
 class SimulationSpec:
     """Ray simulation resources per client (``num_gpus > 0`` puts clients on the GPU).
 
-    ``ray_address``: the Ray cluster the simulation runs on. ``None`` (default): Ray's rule,
-    ``RAY_ADDRESS`` if set, else a new local Ray instance; ``"local"``: always a new local
-    instance; ``"auto"``: the cluster started on this machine with ``ray start --head``;
-    ``"HOST:PORT"``: the cluster whose head (GCS) listens there.
+    ``ray_address``: the Ray cluster the simulation runs on. ``None`` (default):
+    ``RAY_ADDRESS`` if set, else a one-node Ray head of the run's own, started next to the
+    SuperLink and killed at the end; ``"local"``: Flower's simulation starts a new local
+    instance itself; ``"auto"``: the cluster started on this machine with ``ray start
+    --head``; ``"HOST:PORT"``: the cluster whose head (GCS) listens there.
 
     ``send_window``: at most this many messages wait in the SuperLink at once (0: all at
     once); ``None``: 4 per client slot of this machine, 64 on a joined cluster.
@@ -358,10 +360,13 @@ class Experiment:
     harmless_unregistered: bool = False
 
 
-def build_experiment(cfg: DictConfig) -> Experiment:
+def build_experiment(cfg: DictConfig, check_recipe: bool = True) -> Experiment:
     """Validate the composed config and map it to typed objects.
 
-    Everything a run needs is checked here, before Flower or Ray start.
+    Everything a run needs is checked here, before Flower or Ray start. With
+    ``check_recipe=False`` the training recipe is checked for its structure only; its
+    optimiser and scheduler are built by :func:`check_train_recipe` (a first optimiser costs
+    1-2 s in a process: torch imports its compiler then), which the caller runs later.
 
     Raises
     ------
@@ -370,7 +375,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         ``model.hidden must be >= 1, got 0`` or ``simulation.num_cpus must be > 0, got 0``.
     """
     try:
-        return _build_experiment(cfg)
+        return _build_experiment(cfg, check_recipe)
     except ValueError as err:
         raise ValueError(_one_line(err)) from err
     except OmegaConfBaseException as err:  # an interpolation that does not resolve
@@ -408,12 +413,32 @@ def overridden_keys(overrides: Sequence[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
 
 
-def load_experiment(path: Path) -> Experiment:
-    """Read a resolved config saved as YAML (``experiment.yaml``) and build the experiment."""
-    cfg = OmegaConf.load(path)
+def load_experiment(path: Path, checked_sha256: str | None = None) -> Experiment:
+    """Read a resolved config saved as YAML (``experiment.yaml``) and build the experiment.
+
+    ``checked_sha256``: the SHA-256 of the file when whoever wrote it checked its recipe
+    already (``docl-flower`` does, before it starts Flower); when the file still has that
+    digest the recipe is not built again, otherwise everything is checked.
+    """
+    data = path.read_bytes()
+    cfg = OmegaConf.create(data.decode("utf-8"))
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"{path}: expected a mapping of config groups")
-    return build_experiment(cfg)
+    checked = checked_sha256 is not None and hashlib.sha256(data).hexdigest() == checked_sha256
+    return build_experiment(cfg, check_recipe=not checked)
+
+
+def check_train_recipe(exp: Experiment) -> None:
+    """Build the optimiser, scheduler and augmentation of ``exp``'s recipe once.
+
+    Raises ``ValueError`` (one line naming the key) when a client could not build them.
+    """
+    try:
+        _check_recipe(exp.train)
+    except ValueError as err:
+        raise ValueError(_one_line(err)) from err
+    except InstantiationException as err:
+        raise ValueError(_one_line(err)) from err
 
 
 #: Largest seed plus one (numpy's and torch's seeding accept 0 .. 2**32 - 1 everywhere).
@@ -511,7 +536,7 @@ def _build_guard(node: object) -> Guard:
         return make_guard(name, alpha, str(sided))
 
 
-def _build_experiment(cfg: DictConfig) -> Experiment:
+def _build_experiment(cfg: DictConfig, check_recipe: bool) -> Experiment:
     container = _container(cfg)
     seed = _check_top_level(container)
     dataset_node = _container(container["dataset"])
@@ -537,7 +562,8 @@ def _build_experiment(cfg: DictConfig) -> Experiment:
     model_cfg = dict(_container(container["model"]))
     model = _as_model(_spec("model", model_cfg))
     train = _as_train(_spec("train", train_cfg))
-    _check_recipe(train)
+    if check_recipe:
+        _check_recipe(train)
     workflow = _as_workflow(_spec("strategy", container["strategy"]))
     _check_combination(workflow, model, train, num_classes)
     features_cfg = dict(_container(container["features"]))

@@ -8,6 +8,9 @@ RUN_OVERRIDES = "overrides"
 #: Run-config key: at most this many messages waiting in the SuperLink at once (0: no limit);
 #: set by ``docl-flower`` for simulations (see :class:`~.grids.StreamingGrid`).
 RUN_SEND_WINDOW = "send-window"
+#: Run-config key: SHA-256 of the ``config-path`` file whose training recipe ``docl-flower``
+#: built already (the ServerApp then skips that 1-2 s check while the file is unchanged).
+RUN_CONFIG_CHECKED = "config-checked"
 
 # Server -> client (config-only message)
 CONFIG_RECORD = "config"

@@ -57,7 +57,8 @@ def experiment_for(
             raise ValueError("give either 'config-path' or 'overrides' in the run config")
         if not out:
             raise ValueError("'config-path' needs 'out-dir' in the run config")
-        return load_experiment(Path(config_path)), Path(out), False
+        checked = str(run_config.get(keys.RUN_CONFIG_CHECKED, "")) or None
+        return load_experiment(Path(config_path), checked), Path(out), False
     cfg = compose_config(overrides)
     from_federation = "num_users" not in overridden_keys(overrides)
     if from_federation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -12,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.config import PROJECT_ROOT, SimulationSpec, build_experiment
+from ..core.config import PROJECT_ROOT, SimulationSpec, build_experiment, check_train_recipe
 from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
 from ..federation import keys, workflows  # noqa: F401  (registers the workflows)
 from .processes import exit_on_signals
@@ -96,16 +97,21 @@ def send_window(simulation: SimulationSpec, cpus: int | None = None) -> int:
 def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
     """Validate ``cfg``, run it through ``flwr run``, and return the results."""
     start = time.time()
-    exp = build_experiment(cfg)  # fail fast on a bad config, before Flower starts
+    # Fail fast on a bad config, before Flower starts. Building the recipe's optimiser takes
+    # 1-2 s (torch imports its compiler on the first one): that check runs while the
+    # SuperLink and the Ray head boot, and a bad recipe stops them before any run starts.
+    exp = build_experiment(cfg, check_recipe=False)
     check_resources(exp.simulation.num_gpus)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "experiment.yaml"
     OmegaConf.save(cfg, config_path, resolve=True)
+    checked = hashlib.sha256(config_path.read_bytes()).hexdigest()
     run_app(
         app_dir=PROJECT_ROOT,
         flwr_home=PROJECT_ROOT / ".flwr",
         run_config={
             keys.RUN_CONFIG_PATH: str(config_path),
+            keys.RUN_CONFIG_CHECKED: checked,
             keys.RUN_OUT_DIR: str(out_dir),
             keys.RUN_SEND_WINDOW: send_window(exp.simulation),
         },
@@ -116,6 +122,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
         },
         timeout_s=float(cfg.run_timeout_s),
         ray_address=exp.simulation.ray_address,
+        preflight=lambda: check_train_recipe(exp),
     )
     results_path = out_dir / RESULTS_FILE
     if not results_path.is_file():

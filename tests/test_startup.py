@@ -1,0 +1,239 @@
+"""What a short simulation pays before and after its training, and that the shortcuts are safe.
+
+``docl-flower`` starts a private Ray head next to the SuperLink, has ``flwr run`` bundle a
+copy of the app's files, checks the training recipe while those start, lets Ray workers
+import the ClientApp as they start, and kills the Ray head at the end. Each shortcut must
+change no result and leave nothing running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from docl_flower.core import config as config_module
+from docl_flower.core.config import compose_config, load_experiment
+from docl_flower.federation import warm
+from docl_flower.federation.client_app import threads_from_environment
+from docl_flower.operations.processes import process_table
+from docl_flower.operations.simulation import (
+    private_head_wanted,
+    ray_head,
+    stage_app,
+    warm_workers,
+)
+
+from .conftest import PROJECT_ROOT
+from .test_e2e import run_cli, small_run_args
+
+
+def _fab_files(app: Path) -> dict[str, str]:
+    """Path -> SHA-256 of every file of the bundle ``flwr run`` builds from ``app``."""
+    from flwr.cli.build import build_fab_from_disk
+
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))) as fab:
+        return {n: hashlib.sha256(fab.read(n)).hexdigest() for n in fab.namelist()}
+
+
+def test_the_staged_app_bundles_exactly_what_the_project_folder_bundles(tmp_path):
+    # Execute
+    staged = stage_app(PROJECT_ROOT, tmp_path / "app")
+    # Assert: same files with the same bytes, and none of the virtual environment.
+    assert staged == tmp_path / "app"
+    assert _fab_files(staged) == _fab_files(PROJECT_ROOT)
+    copied = {p.relative_to(staged).parts[0] for p in staged.rglob("*") if p.is_file()}
+    assert copied <= {"pyproject.toml", ".gitignore", "docl_flower", "conf"}
+    assert (staged / "docl_flower" / "federation" / "server_app.py").is_file()
+
+
+def test_an_app_without_fab_include_is_run_from_its_own_folder(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    assert stage_app(app, tmp_path / "staged") == app
+    assert not (tmp_path / "staged").exists()
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "wanted"),
+    [
+        (None, {}, True),
+        (None, {"RAY_ADDRESS": "10.0.0.1:6379"}, False),
+        ("local", {}, False),
+        ("auto", {}, False),
+        ("127.0.0.1:6379", {}, False),
+    ],
+)
+def test_only_a_run_that_joins_no_cluster_gets_a_private_head(address, env, wanted):
+    assert private_head_wanted(address, env) is wanted
+
+
+def test_warming_is_added_once_and_never_replaces_the_users_hook():
+    assert warm_workers({"A": "1"}) == {"A": "1", "RAY_RUNTIME_ENV_HOOK": warm.HOOK}
+    own = {"RAY_RUNTIME_ENV_HOOK": "mine.hook"}
+    assert warm_workers(own) == own
+    # The hook adds the set-up function to Flower's runtime environment and keeps the rest.
+    flower_env = {"env_vars": {"PYTHONPATH": "/x"}}
+    assert warm.runtime_env_hook(flower_env) == {
+        "env_vars": {"PYTHONPATH": "/x"},
+        "worker_process_setup_hook": warm.SETUP,
+    }
+    assert warm.runtime_env_hook(None) == {"worker_process_setup_hook": warm.SETUP}
+    assert warm.runtime_env_hook({"worker_process_setup_hook": "other"}) == {
+        "worker_process_setup_hook": "other"
+    }
+    # Ray resolves both names by import.
+    module, _, name = warm.SETUP.rpartition(".")
+    assert getattr(sys.modules[module], name) is warm.prepare_worker
+
+
+def test_a_worker_that_cannot_warm_still_starts(monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name == "torch._dynamo":
+            raise ImportError("no compiler here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    warm.prepare_worker()  # must not raise
+    assert "could not pre-import" in caplog.text
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("", None), ("0", None), ("x", None)])
+def test_the_client_runs_on_the_threads_its_runtime_gives_it(monkeypatch, value, expected):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        threads_from_environment()
+        assert torch.get_num_threads() == (expected if expected is not None else 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _saved(tmp_path: Path, overrides: list[str]) -> tuple[Path, str]:
+    from omegaconf import OmegaConf
+
+    import docl_flower.federation.workflows  # noqa: F401  (registers the workflows)
+
+    path = tmp_path / "experiment.yaml"
+    OmegaConf.save(compose_config(overrides), path, resolve=True)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_config_checked_by_docl_flower_is_not_checked_again_while_unchanged(
+    tmp_path, monkeypatch
+):
+    # Prepare: a saved config whose recipe is bad, and a spy on the recipe check.
+    path, digest = _saved(tmp_path, ["train.optimizer.lr=-1"])
+    calls = []
+    real = config_module._check_recipe
+    monkeypatch.setattr(config_module, "_check_recipe", lambda t: (calls.append(t), real(t)))
+    # Execute / Assert: with its digest the recipe is not built again ...
+    load_experiment(path, digest)
+    assert calls == []
+    # ... a changed file, a wrong digest or none: everything is checked, and the bad rate fails.
+    for checked in (None, "0" * 64, digest[:-1] + ("0" if digest[-1] != "0" else "1")):
+        with pytest.raises(ValueError, match=r"^train\.optimizer"):
+            load_experiment(path, checked)
+    path.write_text(path.read_text() + "\n# edited\n")
+    with pytest.raises(ValueError, match=r"^train\.optimizer"):
+        load_experiment(path, digest)
+    assert len(calls) == 4
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in process_table():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in environ:
+            found.append(pid)
+    return found
+
+
+def test_a_bad_recipe_stops_the_superlink_and_ray_head_before_any_run(tmp_path):
+    # Prepare: a marker in the environment that every process the command starts inherits.
+    marker = f"DOCL_TEST_MARKER={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    cli = Path(sys.executable).parent / "docl-flower"
+    # Execute
+    proc = subprocess.run(
+        [str(cli), "train.optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=env,
+    )
+    # Assert: one line naming the key, no run, nothing left running.
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode != 0
+    assert len(output.splitlines()) == 1 and output.startswith("docl-flower: train.optimizer")
+    assert "flwr run" not in (tmp_path / "run" / "main.log").read_text()
+    assert not (tmp_path / "run" / "results.json").exists()
+    deadline = time.monotonic() + 5
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(marker) == []
+
+
+def test_the_private_ray_head_is_killed_with_its_workers_and_session_folder(tmp_path):
+    # Execute: a head, one driver task in it, then the end of the block.
+    with ray_head(tmp_path) as head:
+        assert head.process.poll() is None
+        assert head.temp_dir.is_dir()
+        code = (
+            f"import ray; ray.init(address={head.address!r}); "
+            "print(ray.get(ray.remote(lambda: 41 + 1).remote()))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert out.stdout.strip().endswith("42"), out.stderr[-2000:]
+    # Assert: the head and everything it started are gone, and so is its session folder.
+    assert head.process.poll() is not None
+    assert head.process.returncode == -signal.SIGKILL
+    assert not head.temp_dir.exists()
+    left = []
+    for pid in process_table():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if head.temp_dir.name.encode() in cmdline:
+            left.append(pid)
+    assert left == [], left
+
+
+@pytest.mark.slow
+def test_a_run_gets_its_own_ray_head_and_the_same_results(tiny_root, tmp_path):
+    """The default (a private head) and ``simulation.ray_address=local`` agree on everything."""
+    runs = {}
+    for mode in ("private", "local"):
+        out = tmp_path / mode
+        extra = ["simulation.ray_address=local"] if mode == "local" else []
+        proc = run_cli(*small_run_args(tiny_root, out), *extra)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[mode] = json.loads((out / "results.json").read_text())
+    for key in ("overall_accuracy", "per_class_accuracy", "guarded_accuracy", "registered"):
+        assert runs["private"][key] == runs["local"][key], key
+    assert runs["private"]["ray_cluster"]["alive_nodes"] == 1
+    assert runs["private"]["failed"] == {}
