@@ -6,7 +6,7 @@ from docl_flower.core.data import IdxDataset, class_indices, derive_seed
 from docl_flower.core.features import Identity
 from docl_flower.core.model import AutoencoderSpec, TrainSpec, state_to_numpy, train_autoencoder
 from docl_flower.federation import keys
-from docl_flower.federation.client_app import handle_train
+from docl_flower.federation.client_tasks import handle_train
 from docl_flower.federation.uploads import UploadRules, parse_upload
 
 

@@ -26,7 +26,7 @@ from docl_flower.core.dp import (
 from docl_flower.core.model import Autoencoder, AutoencoderSpec, TrainSpec, train_autoencoder
 from docl_flower.core.results import RunResult
 from docl_flower.federation import keys, workflows  # noqa: F401  (registers the strategies)
-from docl_flower.federation.client_app import handle_train
+from docl_flower.federation.client_tasks import handle_train
 from docl_flower.federation.strategy import RegisterOnce
 from docl_flower.federation.uploads import UploadError, UploadRules, parse_upload, read_dp
 

@@ -23,7 +23,7 @@ from docl_flower.core.feature_stats import (
 )
 from docl_flower.core.features import Identity
 from docl_flower.federation import keys
-from docl_flower.federation.client_app import handle_train
+from docl_flower.federation.client_tasks import handle_train
 from docl_flower.federation.stats_uploads import StatsRules, parse_stats_upload
 from docl_flower.federation.strategy import RegisterOnce
 from docl_flower.federation.uploads import UploadError

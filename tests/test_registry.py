@@ -12,7 +12,7 @@ from docl_flower.core import registry
 from docl_flower.core.config import ClientSpec
 from docl_flower.core.model import AutoencoderSpec, TrainSpec, train_autoencoder
 from docl_flower.federation import keys
-from docl_flower.federation.client_app import TASKS, handle_train
+from docl_flower.federation.client_tasks import TASKS, handle_train
 
 from .test_client import _spec
 
@@ -56,7 +56,7 @@ def _message(spec: ClientSpec) -> RecordDict:
 
 def test_a_message_naming_a_task_outside_the_registry_is_refused(tiny_root, tmp_path):
     target, _ = hostile_nodes(tmp_path)
-    for task in ("os.system", "builtins.open", "docl_flower.federation.client_app.train_docl"):
+    for task in ("os.system", "builtins.open", "docl_flower.federation.client_tasks.train_docl"):
         spec = dataclasses.replace(_spec(tiny_root), task=task)
         with pytest.raises(ValueError, match="unknown task"):
             handle_train(_message(spec), {"partition-id": 0})

@@ -26,7 +26,7 @@ import torch
 from docl_flower.core import config as config_module
 from docl_flower.core.config import compose_config, load_experiment
 from docl_flower.federation import warm
-from docl_flower.federation.client_app import threads_from_environment
+from docl_flower.federation.client_tasks import threads_from_environment
 from docl_flower.operations.processes import process_table
 from docl_flower.operations.simulation import (
     private_head_wanted,

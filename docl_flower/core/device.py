@@ -1,6 +1,6 @@
 """What a user's device computes: one autoencoder per class it owns, from its own rows only.
 
-The ClientApp (:mod:`docl_flower.federation.client_app`) and the plain loop without Flower
+The ClientApp (:mod:`docl_flower.federation.client_tasks`) and the plain loop without Flower
 (:mod:`.plain`) both call :func:`fit_user`, so that both train the same autoencoders: same
 data rows, features, recipe and seeds. No Flower here.
 """

@@ -39,6 +39,6 @@ def prepare_worker() -> None:
     try:
         import torch._dynamo  # noqa: F401  (imported by the first optimiser otherwise)
 
-        from . import client_app  # noqa: F401
+        from . import client_app, client_tasks  # noqa: F401
     except Exception:  # warming is an optimisation: the first message imports it again
         log.warning("could not pre-import the ClientApp in this Ray worker", exc_info=True)

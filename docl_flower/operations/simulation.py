@@ -152,7 +152,15 @@ def start_ray_head(log_dir: Path, num_cpus: int | None = None) -> RayHead:
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"ray-head-{port}.log"
-    env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # No idle workers started ahead: Flower's actors need workers with its job's runtime
+        # environment, so Ray started two more, and each imported torch (see warm.py).
+        "RAY_enable_worker_prestart": "0",
+        "RAY_prestart_worker_first_driver": "0",
+    }
     env.pop("RAY_ADDRESS", None)
     cmd = [
         ray,

@@ -1,0 +1,268 @@
+"""What a client does with a train message: train on the user's own partition, upload once.
+
+The train message's spec names the task, a key of :data:`TASKS`: DOCL's one-class
+autoencoders, a FedAvg-family classifier update, or per-class feature statistics. The
+ClientApp (:mod:`.client_app`) imports this module on its first message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from numpy.typing import NDArray
+
+from ..core.classifier import SgdSpec
+from ..core.classifier import train_classifier as sgd_train
+from ..core.config import ClientSpec
+from ..core.data import ImageDataset, derive_seed, load_cached
+from ..core.device import fit_user
+from ..core.dp import PrivacySpent, per_user
+from ..core.feature_stats import fit_class_stats
+from ..core.inputs import split_features
+from ..core.logs import setup_logging
+from ..core.model import (
+    AutoencoderSpec,
+    state_to_numpy,
+)
+from . import keys
+
+log = logging.getLogger(__name__)
+
+
+Task = Callable[[RecordDict, ClientSpec, int, Mapping[str, object]], RecordDict]
+
+
+def resolve_user(node_config: Mapping[str, object]) -> int:
+    """The user id of this node: ``user-id`` if the operator set one, else ``partition-id``."""
+    for key in (keys.NODE_USER_ID, keys.NODE_PARTITION_ID):
+        if key in node_config:
+            return int(str(node_config[key]))
+    raise ValueError("node config has neither 'user-id' nor 'partition-id'")
+
+
+def _load(
+    spec: ClientSpec, node_config: Mapping[str, object]
+) -> tuple[ImageDataset, NDArray[np.uint8], NDArray[np.int64]]:
+    """The training data set of this node (from its ``data-dir`` when the operator set one)."""
+    data_dir = node_config.get(keys.NODE_DATA_DIR)
+    dataset = spec.dataset_obj(str(data_dir) if data_dir is not None else None)
+    images, labels = load_cached(dataset, "train")
+    return dataset, images, labels
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _upload(
+    content: RecordDict,
+    spec: ClientSpec,
+    user: int,
+    arrays: dict[str, Array],
+    stats: Mapping[str, list[float] | float],
+    counts: list[int],
+    start: float,
+    cuda: bool,
+) -> RecordDict:
+    """The one reply of a register-once task: arrays plus per-class statistics and counts."""
+    metrics = MetricRecord(
+        {
+            keys.USER_ID: user,
+            keys.CLASSES: list(spec.assignment[user]),
+            **stats,
+            keys.NUM_EXAMPLES: counts,
+            keys.TRAIN_SECONDS: time.perf_counter() - start,
+            keys.RECEIVED_ARRAYS: len(content.array_records),
+            keys.DEVICE_CUDA: int(cuda),
+        }
+    )
+    return RecordDict({keys.ARRAYS_RECORD: ArrayRecord(arrays), keys.METRICS_RECORD: metrics})
+
+
+def train_docl(
+    content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
+) -> RecordDict:
+    """DOCL: one one-class autoencoder per class the user owns; upload parameters and stats.
+
+    A user already in the saved filter replies ``skipped`` without training.
+    """
+    config = content.config_records[keys.CONFIG_RECORD]
+    registered = config.get(keys.REGISTERED_USERS, [])
+    if isinstance(registered, list) and user in registered:
+        log.info("user %d is already in the filter: nothing to train", user)
+        skipped = MetricRecord(
+            {
+                keys.USER_ID: user,
+                keys.SKIPPED: 1,
+                keys.RECEIVED_ARRAYS: len(content.array_records),
+            }
+        )
+        return RecordDict({keys.METRICS_RECORD: skipped})
+    dataset, images, labels = _load(spec, node_config)
+    device = _device()
+    arrays: dict[str, Array] = {}
+    means: list[float] = []
+    stds: list[float] = []
+    counts: list[int] = []
+    spent: list[PrivacySpent] = []
+    used: list[NDArray[np.int64]] = []
+    start = time.perf_counter()
+    for one in fit_user(spec, user, dataset, images, labels, device):
+        for name, value in state_to_numpy(one.fit.model).items():
+            arrays[f"{one.label}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
+        means.append(one.fit.err_mean)
+        stds.append(one.fit.err_std)
+        counts.append(int(one.rows.size))
+        if one.fit.privacy is not None:
+            spent.append(one.fit.privacy)
+            used.append(one.rows)
+    stats: dict[str, list[float] | float] = {keys.ERR_MEAN: means, keys.ERR_STD: stds}
+    if spent:
+        # Disjoint images (one class each): parallel composition; shared ones: basic.
+        disjoint = np.unique(np.concatenate(used)).size == sum(i.size for i in used)
+        privacy = per_user(spent, disjoint)
+        log.info(
+            "user %d: differential privacy epsilon %.3f, delta %.2g, noise multiplier %.3f",
+            user,
+            privacy["epsilon"],
+            privacy["delta"],
+            privacy["noise_multiplier"],
+        )
+        stats[keys.DP_EPSILON] = privacy["epsilon"]
+        stats[keys.DP_DELTA] = privacy["delta"]
+        stats[keys.DP_NOISE_MULTIPLIER] = privacy["noise_multiplier"]
+    return _upload(content, spec, user, arrays, stats, counts, start, device.type == "cuda")
+
+
+def train_classifier(
+    content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
+) -> RecordDict:
+    """FedAvg family: start from the received global model, train locally, return the update."""
+    config = content.config_records[keys.CONFIG_RECORD]
+    server_round = int(str(config.get("server-round", 0)))
+    proximal_mu = float(str(config.get("proximal-mu", 0.0)))
+    model_spec, sgd = spec.model_spec(), spec.train_spec()
+    if isinstance(model_spec, AutoencoderSpec) or not isinstance(sgd, SgdSpec):
+        raise ValueError("the classifier task needs a classifier model and SGD")
+    dataset, images, labels = _load(spec, node_config)
+    idx = spec.user_indices(user, labels)
+    x = split_features(dataset, spec.features_obj(), "train", idx, images).features
+    y = torch.as_tensor(labels[idx])
+    model = model_spec.build(int(x.shape[1]))
+    model.load_state_dict(content.array_records[keys.ARRAYS_RECORD].to_torch_state_dict())
+    seconds = sgd_train(
+        model,
+        x,
+        y,
+        sgd,
+        derive_seed(spec.seed, user, server_round),
+        proximal_mu=proximal_mu,
+        device=_device(),
+    )
+    metrics = MetricRecord(
+        {
+            keys.USER_ID: user,
+            keys.NUM_EXAMPLES: int(idx.size),
+            keys.TRAIN_SECONDS: seconds,
+        }
+    )
+    return RecordDict(
+        {keys.ARRAYS_RECORD: ArrayRecord(model.state_dict()), keys.METRICS_RECORD: metrics}
+    )
+
+
+def train_feature_stats(
+    content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
+) -> RecordDict:
+    """One-shot feature statistics (after FedPFT): a Gaussian (mixture) per class, uploaded once.
+
+    Per class the user owns: the statistics of its features (:class:`StatsSpec` from the
+    spec's options) and the mean and std of held-out log-likelihoods of its own images, which
+    the server's Guard uses as DOCL uses ``mu``, ``sigma``. Nothing is trained or received.
+    """
+    stats_spec = spec.stats_spec()
+    dataset, images, labels = _load(spec, node_config)
+    features = spec.features_obj()
+    arrays: dict[str, Array] = {}
+    means: list[float] = []
+    stds: list[float] = []
+    counts: list[int] = []
+    start = time.perf_counter()
+    for c in spec.assignment[user]:
+        idx = spec.training_indices(user, c, labels)
+        if idx.size == 0:
+            raise ValueError(f"user {user} holds no training image of class {c}")
+        # Only this user's rows: from the feature cache, or extracted here on the device.
+        x = split_features(dataset, features, "train", idx, images).features
+        stats = fit_class_stats(x.numpy(), stats_spec, derive_seed(spec.seed, user, c), user, c)
+        log.info(
+            "user %d class %d: %s statistics of %d images, held-out ll %.1f +- %.1f",
+            user,
+            c,
+            stats_spec.covariance,
+            len(idx),
+            stats.ll_mean,
+            stats.ll_std,
+        )
+        for name, value in stats.upload_arrays().items():
+            arrays[f"{c}{keys.ARRAY_KEY_SEP}{name}"] = Array(np.ascontiguousarray(value))
+        means.append(stats.ll_mean)
+        stds.append(stats.ll_std)
+        counts.append(len(idx))
+    ll_stats = {keys.LL_MEAN: means, keys.LL_STD: stds}
+    return _upload(content, spec, user, arrays, ll_stats, counts, start, cuda=False)
+
+
+def idle(
+    content: RecordDict, spec: ClientSpec, user: int, node_config: Mapping[str, object]
+) -> RecordDict:
+    """Workflows that never contact clients (the centralised reference)."""
+    raise RuntimeError("this experiment sends no work to clients")
+
+
+#: The tasks a client runs, by the name a workflow's ``CLIENT_TASK`` gives: the message names
+#: one of these; nothing is imported or called by a name that arrives in a message.
+TASKS: dict[str, Task] = {
+    "docl": train_docl,
+    "classifier": train_classifier,
+    "feature_stats": train_feature_stats,
+    "idle": idle,
+}
+
+
+def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+    """Run the task the spec names for this node's user (Flower-free logic)."""
+    spec = ClientSpec.from_json(str(content.config_records[keys.CONFIG_RECORD][keys.SPEC]))
+    user = resolve_user(node_config)
+    if user not in spec.assignment:
+        raise ValueError(f"user {user} is not in this experiment's assignment")
+    task = TASKS.get(spec.task)
+    if task is None:
+        raise ValueError(f"unknown task {spec.task!r}; this client runs {sorted(TASKS)}")
+    return task(content, spec, user, node_config)
+
+
+def threads_from_environment() -> None:
+    """Run torch on the threads the runtime gives this process (``OMP_NUM_THREADS``).
+
+    Ray sets ``OMP_NUM_THREADS`` to an actor's CPUs, and torch reads it once, when it starts
+    its thread pool: a worker that imported torch before (see :mod:`.warm`) would run as many
+    threads as the machine has cores in every actor (measured: 7x slower training with two
+    actors on two cores). Without the variable (a SuperNode) nothing changes.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0 and torch.get_num_threads() != int(value):
+        torch.set_num_threads(int(value))
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Train on this user's images only and reply (the ClientApp's train handler)."""
+    setup_logging()
+    threads_from_environment()
+    return Message(handle_train(msg.content, context.node_config), reply_to=msg)
