@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -242,6 +243,19 @@ def test_tree_memory_counts_children_and_grandchildren():
         for pid in descendants(proc.pid):
             subprocess.run(["kill", str(pid)], check=False)
         proc.wait()
+
+
+def test_tree_memory_reads_pss_only_every_pss_interval(monkeypatch):
+    from docl_flower.operations import memory as memory_module
+
+    reads = []
+    monkeypatch.setattr(memory_module, "_pss_bytes", lambda pid: reads.append(pid) or 1)
+    memory = TreeMemory(os.getpid(), interval_s=0.01, pss_interval_s=3600.0)
+    for _ in range(5):
+        memory.sample()
+    assert len(reads) == 1 and memory.samples == 5  # the first sample only
+    memory.sample(pss=True)
+    assert len(reads) == 2 and memory.peak_pss == 1
 
 
 # ------------------------------------------------------------------ the script's report
