@@ -1,8 +1,8 @@
 """What a short simulation pays before and after its training, and that the shortcuts are safe.
 
 ``docl-flower`` starts a private Ray head next to the SuperLink, has ``flwr run`` bundle a
-copy of the app's files, checks the training recipe while those start, lets Ray workers
-import the ClientApp as they start, and kills the Ray head at the end. Each shortcut must
+copy of the app's files, checks the training recipe while those start, and kills the Ray
+head at the end. Each shortcut must
 change no result and leave nothing running.
 """
 
@@ -25,14 +25,12 @@ import torch
 
 from docl_flower.core import config as config_module
 from docl_flower.core.config import compose_config, load_experiment
-from docl_flower.federation import warm
 from docl_flower.federation.client_tasks import threads_from_environment
 from docl_flower.operations.processes import process_table
 from docl_flower.operations.simulation import (
     private_head_wanted,
     ray_head,
     stage_app,
-    warm_workers,
 )
 
 from .conftest import PROJECT_ROOT
@@ -78,40 +76,6 @@ def test_an_app_without_fab_include_is_run_from_its_own_folder(tmp_path):
 )
 def test_only_a_run_that_joins_no_cluster_gets_a_private_head(address, env, wanted):
     assert private_head_wanted(address, env) is wanted
-
-
-def test_warming_is_added_once_and_never_replaces_the_users_hook():
-    assert warm_workers({"A": "1"}) == {"A": "1", "RAY_RUNTIME_ENV_HOOK": warm.HOOK}
-    own = {"RAY_RUNTIME_ENV_HOOK": "mine.hook"}
-    assert warm_workers(own) == own
-    # The hook adds the set-up function to Flower's runtime environment and keeps the rest.
-    flower_env = {"env_vars": {"PYTHONPATH": "/x"}}
-    assert warm.runtime_env_hook(flower_env) == {
-        "env_vars": {"PYTHONPATH": "/x"},
-        "worker_process_setup_hook": warm.SETUP,
-    }
-    assert warm.runtime_env_hook(None) == {"worker_process_setup_hook": warm.SETUP}
-    assert warm.runtime_env_hook({"worker_process_setup_hook": "other"}) == {
-        "worker_process_setup_hook": "other"
-    }
-    # Ray resolves both names by import.
-    module, _, name = warm.SETUP.rpartition(".")
-    assert getattr(sys.modules[module], name) is warm.prepare_worker
-
-
-def test_a_worker_that_cannot_warm_still_starts(monkeypatch, caplog):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def failing(name, *args, **kwargs):
-        if name == "torch._dynamo":
-            raise ImportError("no compiler here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", failing)
-    warm.prepare_worker()  # must not raise
-    assert "could not pre-import" in caplog.text
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1", 1), ("", None), ("0", None), ("x", None)])

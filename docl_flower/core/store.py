@@ -321,8 +321,12 @@ def _seal(payload: Mapping[str, Any], key: bytes) -> dict[str, Any]:
 
 
 def _commit(folder: Path, meta: Mapping[str, Any]) -> None:
-    """Atomically replace ``filter.json`` (the commit point of a save)."""
-    write_text_atomic(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
+    """Atomically replace ``filter.json`` (the commit point of a save).
+
+    One line: Python's JSON encoder is written in C only without ``indent``, and a filter is
+    saved after every registration (at 1,000 users, 27 ms per save indented, 10 ms not).
+    """
+    write_text_atomic(folder / META_FILE, json.dumps(meta, ensure_ascii=False) + "\n")
 
 
 def _is_ours(name: str) -> bool:

@@ -1,10 +1,9 @@
 """ClientApp: train on the user's own partition only and reply with one upload.
 
-This module is what Flower loads to find the ClientApp, in the simulation process (which
-loads it once before it creates its Ray actors) and in every client; it imports only Flower.
-The tasks, torch and the core are imported with the first message (:mod:`.client_tasks`),
-so that a simulation creates its actors without waiting for torch to load, and Ray workers
-load them as they start (:mod:`.warm`).
+This module is what Flower loads to find the ClientApp: in a simulation, once in the
+simulation process before it creates its Ray actors, then in every actor; on a SuperNode, in
+its ClientApp process. It imports only Flower; the tasks, torch and the core come with the
+first message (:mod:`.client_tasks`), so that loading the app does not wait for torch.
 """
 
 from __future__ import annotations

@@ -252,9 +252,10 @@ def threads_from_environment() -> None:
     """Run torch on the threads the runtime gives this process (``OMP_NUM_THREADS``).
 
     Ray sets ``OMP_NUM_THREADS`` to an actor's CPUs, and torch reads it once, when it starts
-    its thread pool: a worker that imported torch before (see :mod:`.warm`) would run as many
-    threads as the machine has cores in every actor (measured: 7x slower training with two
-    actors on two cores). Without the variable (a SuperNode) nothing changes.
+    its thread pool: a worker that imported torch before (a Ray ``worker_process_setup_hook``
+    does) would run as many threads as the machine has cores in every actor (measured: 7x
+    slower training with two actors on two cores). Without the variable (a SuperNode) nothing
+    changes.
     """
     value = os.environ.get("OMP_NUM_THREADS", "")
     if value.isdigit() and int(value) > 0 and torch.get_num_threads() != int(value):

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
 
-from ..federation import warm
 from .processes import (
     FlowerRunError,
     flwr_bin,
@@ -157,7 +156,8 @@ def start_ray_head(log_dir: Path, num_cpus: int | None = None) -> RayHead:
         "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         # No idle workers started ahead: Flower's actors need workers with its job's runtime
-        # environment, so Ray started two more, and each imported torch (see warm.py).
+        # environment, so Ray started two more for them and the first two idled (measured:
+        # four worker processes for two actors, each loading Python and Ray on a busy core).
         "RAY_enable_worker_prestart": "0",
         "RAY_prestart_worker_first_driver": "0",
     }
@@ -254,17 +254,6 @@ def ray_env(env: Mapping[str, str], ray_address: str | None) -> dict[str, str]:
     return out
 
 
-def warm_workers(env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` in which the simulation's Ray workers import the ClientApp as they start.
-
-    See :mod:`docl_flower.federation.warm`; a ``RAY_RUNTIME_ENV_HOOK`` of the user's own is
-    kept (and then nothing is warmed).
-    """
-    out = dict(env)
-    out.setdefault(warm.RAY_RUNTIME_ENV_HOOK, warm.HOOK)
-    return out
-
-
 def run_app(
     app_dir: Path,
     flwr_home: Path,
@@ -312,7 +301,7 @@ def _run_app(
     head = start_ray_head(log_dir) if private_head_wanted(ray_address) else None
     link: LocalSuperLink | None = None
     try:
-        env = warm_workers(ray_env(flwr_env(flwr_home), head.address if head else ray_address))
+        env = ray_env(flwr_env(flwr_home), head.address if head else ray_address)
         link, port = _start_superlink(flwr_home, log_dir, env)
         app = stage_app(app_dir, flwr_home / "app")
         if preflight is not None:
