@@ -251,11 +251,14 @@ def test_tree_memory_reads_pss_only_every_pss_interval(monkeypatch):
     reads = []
     monkeypatch.setattr(memory_module, "_pss_bytes", lambda pid: reads.append(pid) or 1)
     memory = TreeMemory(os.getpid(), interval_s=0.01, pss_interval_s=3600.0)
-    for _ in range(5):
+    memory.sample()
+    first = len(reads)  # one read per process of the tree (this one, and any child)
+    assert first >= 1
+    for _ in range(4):
         memory.sample()
-    assert len(reads) == 1 and memory.samples == 5  # the first sample only
+    assert len(reads) == first and memory.samples == 5  # the first sample only
     memory.sample(pss=True)
-    assert len(reads) == 2 and memory.peak_pss == 1
+    assert len(reads) > first and memory.peak_pss >= 1
 
 
 # ------------------------------------------------------------------ the script's report
