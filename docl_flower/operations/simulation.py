@@ -7,10 +7,11 @@ inside :func:`~.processes.exit_on_signals`, which turns SIGINT/SIGTERM into an e
 that the ``finally`` blocks here run.
 
 Start-up is what a short simulation pays on top of its training, so the slow parts run side
-by side: unless the run joins a Ray cluster, a private Ray head for this run starts together
-with the SuperLink (Flower's simulation then connects to it instead of starting Ray itself,
-one core idle), and ``flwr run`` bundles a copy of the app's own files (:func:`stage_app`)
-instead of walking the whole project folder, virtual environment included.
+by side: unless the run joins a Ray cluster, a Ray head of the run's own starts together with
+the SuperLink (Flower's simulation connects to it instead of starting Ray itself later, while
+a core idled), a ``preflight`` check runs meanwhile, and ``flwr run`` bundles a copy of the
+app's own files (:func:`stage_app`) instead of walking the whole project folder, virtual
+environment included.
 """
 
 from __future__ import annotations
