@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -133,20 +132,13 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def test_a_bad_recipe_stops_the_superlink_and_ray_head_before_any_run(tmp_path):
+def test_a_bad_recipe_stops_the_superlink_and_ray_head_before_any_run(tmp_path, monkeypatch):
     # Prepare: a marker in the environment that every process the command starts inherits.
-    marker = f"DOCL_TEST_MARKER={uuid.uuid4().hex}"
-    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
-    cli = Path(sys.executable).parent / "docl-flower"
+    name, value = "DOCL_TEST_MARKER", uuid.uuid4().hex
+    marker = f"{name}={value}"
+    monkeypatch.setenv(name, value)
     # Execute
-    proc = subprocess.run(
-        [str(cli), "train.optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-        env=env,
-    )
+    proc = run_cli("train.optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     # Assert: one line naming the key, no run, nothing left running.
     output = (proc.stdout + proc.stderr).strip()
     assert proc.returncode != 0

@@ -374,8 +374,15 @@ def build_experiment(cfg: DictConfig, check_recipe: bool = True) -> Experiment:
         One line that starts with the config key it rejects, e.g.
         ``model.hidden must be >= 1, got 0`` or ``simulation.num_cpus must be > 0, got 0``.
     """
-    try:
+    with _one_line_errors():
         return _build_experiment(cfg, check_recipe)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Re-raise what building a config rejects as one ``ValueError`` line."""
+    try:
+        yield
     except ValueError as err:
         raise ValueError(_one_line(err)) from err
     except OmegaConfBaseException as err:  # an interpolation that does not resolve
@@ -433,12 +440,8 @@ def check_train_recipe(exp: Experiment) -> None:
 
     Raises ``ValueError`` (one line naming the key) when a client could not build them.
     """
-    try:
+    with _one_line_errors():
         _check_recipe(exp.train)
-    except ValueError as err:
-        raise ValueError(_one_line(err)) from err
-    except InstantiationException as err:
-        raise ValueError(_one_line(err)) from err
 
 
 #: Largest seed plus one (numpy's and torch's seeding accept 0 .. 2**32 - 1 everywhere).

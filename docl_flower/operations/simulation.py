@@ -52,7 +52,6 @@ __all__ = [
     "FlowerRunError",
     "LocalSuperLink",
     "RayHead",
-    "local_superlink",
     "ray_head",
     "run_app",
     "stage_app",
@@ -91,25 +90,6 @@ def _start_superlink(
         "--disable-runtime-dependency-installation",
     ]
     return LocalSuperLink(start_process(cmd, log_path, env), f"127.0.0.1:{port}", log_path), port
-
-
-@contextmanager
-def local_superlink(
-    flwr_home: Path,
-    startup_s: float = 60.0,
-    log_dir: Path | None = None,
-    ray_address: str | None = None,
-) -> Iterator[LocalSuperLink]:
-    """Start a simulation SuperLink on a free port; stop it on exit, also on error.
-
-    ``ray_address`` (see :func:`ray_env`) chooses the Ray cluster of the simulation it runs.
-    """
-    link, port = _start_superlink(flwr_home, log_dir, ray_env(flwr_env(flwr_home), ray_address))
-    try:
-        wait_for_port(link.process, port, link.log_path, startup_s)
-        yield link
-    finally:
-        link.stop()
 
 
 @dataclass
