@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,29 @@ def trained_registration(
     )
     mu, sd = error_stats(reconstruction_errors(model, x))
     return Registration(user, label, state_to_numpy(model), mu, std_scale * sd, len(x))
+
+
+def processes_with(marker: str, settle_s: float = 5.0) -> list[int]:
+    """Live processes whose environment holds ``marker`` (``NAME=value``), after a grace.
+
+    Waits up to ``settle_s`` for them to go (a killed process is gone once reaped).
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if stat[stat.rfind(")") + 2] != "Z" and marker.encode() in environ.split(b"\0"):
+                found.append(int(entry.name))
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from docl_flower.core import native
 
-from .conftest import make_tiny_root
+from .conftest import make_tiny_root, processes_with
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "docl-flower")
@@ -38,12 +39,22 @@ def small_run_args(root: Path, out: Path, users: int = 3) -> list[str]:
     ]
 
 
-def test_three_user_simulation_writes_results_and_sends_no_parameters(tiny_root, tmp_path):
+def test_three_user_simulation_writes_results_and_sends_no_parameters(
+    tiny_root, tmp_path, monkeypatch
+):
+    # Prepare: a marker in the environment that every process of the run inherits.
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv("DOCL_TEST_MARKER", marker)
     # Execute
     proc = run_cli(*small_run_args(tiny_root, tmp_path / "run"))
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
+    # The command ended the run once the ServerApp had written this run's results, and
+    # nothing it started is left running.
+    main_log = (tmp_path / "run" / "main.log").read_text()
+    assert f"run {results['flower_run_id']}: the app wrote its results" in main_log
+    assert processes_with(f"DOCL_TEST_MARKER={marker}") == []
     assert results["registered"] == [0, 1, 2]
     assert results["failed"] == {}
     assert set(results["per_class_accuracy"]) == {"0", "1", "2"}

@@ -1,9 +1,9 @@
 """What a short simulation pays before and after its training, and that the shortcuts are safe.
 
 ``docl-flower`` starts a private Ray head next to the SuperLink, has ``flwr run`` bundle a
-copy of the app's files, checks the training recipe while those start, and kills the Ray
-head at the end. Each shortcut must
-change no result and leave nothing running.
+copy of the app's files, checks the training recipe while those start, and stops the run's
+processes as soon as the ServerApp has written this run's results. Each shortcut must change
+no result and leave nothing running.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
@@ -25,14 +26,17 @@ import torch
 from docl_flower.core import config as config_module
 from docl_flower.core.config import compose_config, load_experiment
 from docl_flower.federation.client_tasks import threads_from_environment
-from docl_flower.operations.processes import process_table
+from docl_flower.core.results import RunResult, write_results
+from docl_flower.operations import main as main_module
+from docl_flower.operations.main import ResultsOfRun
+from docl_flower.operations.processes import process_table, stream_flwr_run
 from docl_flower.operations.simulation import (
     private_head_wanted,
     ray_head,
     stage_app,
 )
 
-from .conftest import PROJECT_ROOT
+from .conftest import PROJECT_ROOT, processes_with
 from .test_e2e import run_cli, small_run_args
 
 
@@ -120,18 +124,6 @@ def test_a_config_checked_by_docl_flower_is_not_checked_again_while_unchanged(
     assert len(calls) == 4
 
 
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for pid in process_table():
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in environ:
-            found.append(pid)
-    return found
-
-
 def test_a_bad_recipe_stops_the_superlink_and_ray_head_before_any_run(tmp_path, monkeypatch):
     # Prepare: a marker in the environment that every process the command starts inherits.
     name, value = "DOCL_TEST_MARKER", uuid.uuid4().hex
@@ -145,10 +137,7 @@ def test_a_bad_recipe_stops_the_superlink_and_ray_head_before_any_run(tmp_path, 
     assert len(output.splitlines()) == 1 and output.startswith("docl-flower: train.optimizer")
     assert "flwr run" not in (tmp_path / "run" / "main.log").read_text()
     assert not (tmp_path / "run" / "results.json").exists()
-    deadline = time.monotonic() + 5
-    while _processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_with(marker) == []
+    assert processes_with(marker) == []
 
 
 def test_the_private_ray_head_is_killed_with_its_workers_and_session_folder(tmp_path):
@@ -193,3 +182,101 @@ def test_a_run_gets_its_own_ray_head_and_the_same_results(tiny_root, tmp_path):
         assert runs["private"][key] == runs["local"][key], key
     assert runs["private"]["ray_cluster"]["alive_nodes"] == 1
     assert runs["private"]["failed"] == {}
+
+
+# --- the end of a run: docl-flower stops it once the ServerApp has written its results
+
+_FAKE_FLWR_RUN = """
+import sys, time
+print("Successfully started run 7", flush=True)
+for i in range(600):
+    print("log line", i, flush=True)
+    time.sleep(0.1)
+"""
+
+
+def test_a_run_whose_app_is_done_is_stopped_without_waiting_for_flower(tmp_path):
+    # Prepare: a stand-in for `flwr run --stream` that would stream for a minute, and a
+    # done check that holds from the moment a file appears.
+    flag = tmp_path / "done"
+    asked: list[int] = []
+
+    def done(run_id: int) -> bool:
+        asked.append(run_id)
+        return flag.exists()
+
+    cmd = [sys.executable, "-c", _FAKE_FLWR_RUN]
+    threading.Timer(1.0, flag.touch).start()
+    # Execute
+    started = time.monotonic()
+    run = stream_flwr_run(cmd, {}, timeout_s=120, echo=io.StringIO(), done=done)
+    # Assert: stopped within a few polls of the flag, with the run id it printed.
+    assert time.monotonic() - started < 10
+    assert run.app_done and run.run_id == 7
+    assert run.returncode == -signal.SIGKILL
+    assert set(asked) == {7}
+
+
+def test_a_run_that_ends_before_its_app_is_done_reports_flowers_outcome(tmp_path):
+    cmd = [sys.executable, "-c", "print('Successfully started run 3'); raise SystemExit(4)"]
+    run = stream_flwr_run(cmd, {}, timeout_s=60, echo=io.StringIO(), done=lambda _: False)
+    assert not run.app_done
+    assert (run.run_id, run.returncode) == (3, 4)
+
+
+def test_the_done_check_is_never_asked_before_the_run_has_an_id(tmp_path):
+    asked: list[int] = []
+    cmd = [sys.executable, "-c", "import time; print('no run started'); time.sleep(1)"]
+    run = stream_flwr_run(cmd, {}, timeout_s=60, echo=io.StringIO(), done=asked.append)
+    assert asked == [] and not run.app_done and run.run_id is None
+
+
+def _results(run_id: int | None) -> RunResult:
+    return RunResult(
+        method="docl",
+        overall_accuracy=0.5,
+        per_class_accuracy={"0": 0.5},
+        rounds=1,
+        registered=[0],
+        failed={},
+        bytes_uploaded={},
+        bytes_downloaded={},
+        receives_others_parameters=False,
+        train_seconds={},
+        flower_run_id=run_id,
+    )
+
+
+def test_only_results_of_this_run_end_it(tmp_path):
+    path = tmp_path / "results.json"
+    check = ResultsOfRun(path)
+    # No file yet, then an earlier run's file, a file without a run id, and garbage.
+    assert not check(11)
+    write_results(path, _results(10))
+    assert not check(11)
+    write_results(path, _results(None))
+    assert not check(11)
+    path.write_text("{truncated", encoding="utf-8")
+    assert not check(11)
+    path.write_bytes(b"\xff\x00" * 10)
+    assert not check(11)
+    # This run's results, written atomically by the ServerApp.
+    write_results(path, _results(11))
+    assert check(11)
+
+
+def test_an_unchanged_results_file_is_not_read_again(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    write_results(path, _results(10))
+    reads: list[Path] = []
+    real = main_module.read_results
+
+    def counting(p: Path) -> RunResult:
+        reads.append(p)
+        return real(p)
+
+    monkeypatch.setattr(main_module, "read_results", counting)
+    check = ResultsOfRun(path)
+    for _ in range(5):
+        assert not check(11)
+    assert len(reads) == 1

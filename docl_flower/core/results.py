@@ -84,6 +84,8 @@ class RunResult:
     #: ``num_users`` was taken from the federation's node count (``flwr run .``), not the config.
     users_from_federation: bool = False
     # --- added by the ServerApp and by ``docl-flower``
+    #: The Flower run that wrote these results (``docl-flower`` waits for it).
+    flower_run_id: int | None = None
     server_seconds: float | None = None
     wall_seconds: float | None = None
     config: dict[str, Any] = field(default_factory=dict)

@@ -110,9 +110,11 @@ def main(grid: Grid, context: Context) -> None:
     if window > 0:
         grid = SimulationGrid(grid, window)
     result = as_workflow(exp.workflow).run(grid, exp, out_dir)
+    result.flower_run_id = int(context.run_id)
     result.server_seconds = time.time() - started
     result.users_from_federation = from_federation
     result.ray_cluster = ray_cluster()
     result.config = exp.config
+    # The last step: once this file holds this run's id, docl-flower stops the run.
     write_results(out_dir / RESULTS_FILE, result)
     log.info("results written to %s", out_dir / RESULTS_FILE)

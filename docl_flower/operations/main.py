@@ -94,6 +94,33 @@ def send_window(simulation: SimulationSpec, cpus: int | None = None) -> int:
     return MESSAGES_PER_CLIENT_SLOT * slots
 
 
+class ResultsOfRun:
+    """``done`` check for :func:`~.simulation.run_app`: ``path`` holds this run's results.
+
+    The ServerApp writes ``results.json`` atomically as its last step, with the Flower run
+    id; a file left by an earlier run in the same folder does not count. The file is read
+    again only when it changed (the check runs every 0.1 s).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None
+
+    def __call__(self, run_id: int) -> bool:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == self._seen:
+            return False
+        self._seen = key
+        try:
+            return read_results(self.path).flower_run_id == run_id
+        except ValueError:  # being replaced, or not a results file: not this run's
+            return False
+
+
 def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
     """Validate ``cfg``, run it through ``flwr run``, and return the results."""
     start = time.time()
@@ -123,6 +150,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
         timeout_s=float(cfg.run_timeout_s),
         ray_address=exp.simulation.ray_address,
         preflight=lambda: check_train_recipe(exp),
+        done=ResultsOfRun(out_dir / RESULTS_FILE),
     )
     results_path = out_dir / RESULTS_FILE
     if not results_path.is_file():

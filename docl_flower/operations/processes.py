@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -503,11 +503,21 @@ _STARTED = re.compile(r"Successfully started run (\d+)")
 
 @dataclass(frozen=True)
 class StreamedRun:
-    """What ``flwr run --stream`` printed: exit code, run id, last exception line."""
+    """What ``flwr run --stream`` printed: exit code, run id, last exception line.
+
+    ``app_done``: the caller's ``done`` check said the app's work was complete, and ``flwr
+    run`` was stopped then, without waiting for Flower's own teardown (``returncode`` is
+    then that of the stopped process).
+    """
 
     returncode: int
     run_id: int | None
     last_error: str
+    app_done: bool = False
+
+
+#: How often :func:`stream_flwr_run` asks its ``done`` check (seconds).
+DONE_POLL_S = 0.1
 
 
 def stream_flwr_run(
@@ -516,6 +526,7 @@ def stream_flwr_run(
     timeout_s: float,
     echo: TextIO | None = None,
     log_path: Path | None = None,
+    done: Callable[[int], bool] | None = None,
 ) -> StreamedRun:
     """Run a ``flwr run ... --stream`` command, copy its output to ``echo`` / ``log_path``.
 
@@ -523,9 +534,17 @@ def stream_flwr_run(
     this function is left by an exception (a signal, say) it is stopped, with whatever it
     spawned. Raises :class:`FlowerRunError` when it runs longer than ``timeout_s`` (it is
     killed).
+
+    ``done(run_id)``, asked every :data:`DONE_POLL_S` seconds once the run id is known,
+    tells when the app has finished its work (``docl-flower``: its ``results.json`` for
+    this run exists). ``flwr run`` is then stopped at once, and the result says
+    ``app_done``: Flower's teardown after the ServerApp (actors, Ray, the run's status,
+    the log stream's last polls) took 3-4 s of every run here, and the caller, who owns the
+    SuperLink, discards all of it anyway.
     """
     run_id: int | None = None
     last_error = ""
+    app_done = threading.Event()
     with deferred_signals():
         proc = subprocess.Popen(
             cmd,
@@ -545,6 +564,20 @@ def stream_flwr_run(
 
     watchdog = threading.Timer(timeout_s, kill)
     watchdog.start()
+    finished = threading.Event()
+
+    def watch() -> None:
+        assert done is not None
+        while not finished.wait(DONE_POLL_S):
+            if run_id is not None and done(run_id):
+                app_done.set()
+                with contextlib.suppress(OSError):
+                    proc.kill()  # its output ends; the loop below reads it to the end
+                return
+
+    watcher = threading.Thread(target=watch, name="flwr-run-done", daemon=True)
+    if done is not None:
+        watcher.start()
     assert proc.stdout is not None
     streamed = False
     try:
@@ -565,6 +598,9 @@ def stream_flwr_run(
         streamed = True
     finally:
         watchdog.cancel()
+        finished.set()
+        if watcher.is_alive():
+            watcher.join()
         try:
             if streamed:  # end of its output: it exits by itself
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -577,7 +613,7 @@ def stream_flwr_run(
     returncode = proc.wait()
     if timed_out.is_set():
         raise FlowerRunError(f"flwr run did not finish in {timeout_s:.0f}s")
-    return StreamedRun(returncode, run_id, last_error)
+    return StreamedRun(returncode, run_id, last_error, app_done.is_set())
 
 
 def run_status(flwr_home: Path, run_id: int | None, connection: str) -> tuple[int, str]:

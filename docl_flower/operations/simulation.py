@@ -38,6 +38,7 @@ from .processes import (
     run_status,
     start_process,
     stop_tree,
+    stop_trees,
     stream_flwr_run,
     wait_for_port,
     write_connection,
@@ -150,7 +151,12 @@ def start_ray_head(log_dir: Path, num_cpus: int | None = None) -> RayHead:
         "--block",
         "--node-ip-address=127.0.0.1",
         f"--port={port}",
+        # No autoscaler monitor: a one-node head never scales, and the monitor is a Python
+        # process importing Ray on a core that the start-up needs (0.4 s of CPU). (The Ray
+        # Client server cannot be left out while ``ray[client]`` is installed: ``ray
+        # start`` refuses port 0.)
         f"--ray-client-server-port={free_port()}",
+        "--no-monitor",
         f"--dashboard-agent-listen-port={free_port()}",
         "--include-dashboard=false",
         "--disable-usage-stats",
@@ -243,6 +249,7 @@ def run_app(
     timeout_s: float = 3600.0,
     ray_address: str | None = None,
     preflight: Callable[[], None] | None = None,
+    done: Callable[[int], bool] | None = None,
 ) -> int:
     """Run the Flower app in simulation and return its run id; raise if it did not complete.
 
@@ -250,6 +257,12 @@ def run_app(
     SuperLink's log stays in ``flwr_home``), so that concurrent runs never read each other's
     connection from ``config.toml``. ``preflight`` runs while the SuperLink (and Ray head)
     start, before the run is submitted; if it raises, they are stopped and nothing runs.
+
+    ``done(run_id)`` is the app's own sign that run ``run_id`` has completed its work (see
+    :func:`~.processes.stream_flwr_run`): once it holds, the run counts as completed and
+    its processes are killed at once, instead of waiting for Flower to wind down the
+    simulation and for ``flwr list`` to report ``finished:completed``. Without it, or when
+    ``flwr run`` ends before it holds, the run's status decides.
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
     own_home = Path(tempfile.mkdtemp(prefix="sim-", dir=flwr_home))
@@ -263,6 +276,7 @@ def run_app(
             flwr_home,
             ray_address,
             preflight,
+            done,
         )
     finally:
         shutil.rmtree(own_home, ignore_errors=True)
@@ -277,6 +291,7 @@ def _run_app(
     log_dir: Path,
     ray_address: str | None,
     preflight: Callable[[], None] | None,
+    done: Callable[[int], bool] | None,
 ) -> int:
     # The Ray head (if any) and the SuperLink start side by side.
     head = start_ray_head(log_dir) if private_head_wanted(ray_address) else None
@@ -303,7 +318,13 @@ def _run_app(
             format_config(federation_config),
         ]
         log.info("%s", " ".join(cmd))
-        run = stream_flwr_run(cmd, flwr_env(flwr_home), timeout_s, echo=sys.stdout)
+        run = stream_flwr_run(cmd, flwr_env(flwr_home), timeout_s, echo=sys.stdout, done=done)
+        if run.app_done and run.run_id is not None:
+            # Nothing of the run is kept: kill it all at once (a graceful stop of the
+            # simulation, mid-way through Flower's teardown, takes seconds).
+            stop_trees([link.process, head.process if head else None], sig=signal.SIGKILL)
+            log.info("run %d: the app wrote its results; its processes are stopped", run.run_id)
+            return run.run_id
         if run.returncode != 0:
             raise FlowerRunError(f"flwr run exited with code {run.returncode}: {run.last_error}")
         run_id, status = run_status(flwr_home, run.run_id, CONNECTION)
