@@ -306,6 +306,22 @@ def test_the_targets_are_judged_from_the_measured_rows():
         bench_scale.size_overrides(15, 100, [])
 
 
+def test_repeated_default_runs_are_judged_on_their_median_and_all_shown():
+    rows = [
+        _row("default-10", 10, 60.0, 2.0, ratio=1.37),
+        _row("default-10 #2", 10, 54.0, 2.0, ratio=1.25),
+        _row("default-10 #3", 10, 55.0, 2.0, ratio=1.21),
+    ]
+    checks = bench_scale.verdicts(rows)
+    [(name, check)] = checks.items()
+    assert name.endswith("(median of 3 paired runs: 1.21-1.37)")
+    assert check["value"] == pytest.approx(1.25) and check["holds"] is True
+    # Two slow runs of three fail it: a median, not the best run.
+    rows[1]["overhead_ratio"] = 1.31
+    assert bench_scale.verdicts(rows)[name]["holds"] is False
+    assert bench_scale.table(rows).count("| default-10") == 3
+
+
 # ------------------------------------------------------------------ the GPU check script
 
 gspec = importlib.util.spec_from_file_location(

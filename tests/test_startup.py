@@ -25,8 +25,8 @@ import torch
 
 from docl_flower.core import config as config_module
 from docl_flower.core.config import compose_config, load_experiment
-from docl_flower.federation.client_tasks import threads_from_environment
 from docl_flower.core.results import RunResult, write_results
+from docl_flower.federation.client_tasks import threads_from_environment
 from docl_flower.operations import main as main_module
 from docl_flower.operations.main import ResultsOfRun
 from docl_flower.operations.processes import process_table, stream_flwr_run

@@ -107,6 +107,7 @@ class ResultsOfRun:
         self._seen: tuple[int, int, int] | None = None
 
     def __call__(self, run_id: int) -> bool:
+        """Whether the results file now holds the results of run ``run_id``."""
         try:
             st = self.path.stat()
         except OSError:
