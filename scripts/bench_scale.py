@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +93,20 @@ def size_overrides(users: int, shards: int, extra: list[str]) -> list[str]:
     ]
 
 
+def fresh_run_dir(run_dir: Path) -> None:
+    """An empty ``run_dir``: an earlier benchmark run there is removed.
+
+    A run folder keeps its saved filter, and a run into it skips every user already
+    registered there: it would time nothing. Only a folder that an earlier run wrote (its
+    ``run.log``) is removed; any other non-empty folder is refused.
+    """
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / "run.log").is_file():
+            raise SystemExit(f"{run_dir} is not empty and holds no earlier benchmark run")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def run_flower(overrides: list[str], run_dir: Path, reuse: bool) -> tuple[RunResult, dict]:
     """One ``docl-flower`` run with its process tree's memory sampled."""
     memo = run_dir / "memory.json"
@@ -99,7 +114,7 @@ def run_flower(overrides: list[str], run_dir: Path, reuse: bool) -> tuple[RunRes
         return read_results(run_dir / RESULTS_FILE), json.loads(memo.read_text())
     cmd = [str(Path(sys.executable).parent / "docl-flower"), *overrides, f"hydra.run.dir={run_dir}"]
     print("running:", " ".join(cmd), flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    fresh_run_dir(run_dir)
     start = time.time()
     with (run_dir / "run.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -143,6 +158,9 @@ def row(
     """Run one configuration both ways (Flower in ``out/folder``) and return its figures."""
     run_dir = out / (folder or name)
     result, mem = run_flower(overrides, run_dir, reuse)
+    if result.already_registered:
+        skipped = len(result.already_registered)
+        raise SystemExit(f"{run_dir}: {skipped} users were already registered (nothing timed)")
     users = len(result.registered)
     wall = float(result.wall_seconds or mem["measured_wall_seconds"])
     phases = result.phase_seconds

@@ -306,6 +306,22 @@ def test_the_targets_are_judged_from_the_measured_rows():
         bench_scale.size_overrides(15, 100, [])
 
 
+def test_a_benchmark_run_starts_from_an_empty_folder(tmp_path):
+    # An earlier run's folder (its saved filter would make the next run skip every user).
+    earlier = tmp_path / "users-10"
+    (earlier / "filter").mkdir(parents=True)
+    (earlier / "run.log").write_text("earlier run")
+    bench_scale.fresh_run_dir(earlier)
+    assert earlier.is_dir() and list(earlier.iterdir()) == []
+    # A folder the benchmark did not write is never removed.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="holds no earlier benchmark run"):
+        bench_scale.fresh_run_dir(other)
+    assert (other / "notes.txt").read_text() == "keep"
+
+
 def test_repeated_default_runs_are_judged_on_their_median_and_all_shown():
     rows = [
         _row("default-10", 10, 60.0, 2.0, ratio=1.37),
