@@ -86,7 +86,7 @@ import stat
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ from numpy.typing import NDArray
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as dump_tensors
 
-from .files import create_file_atomic, fsync_dir, write_bytes_atomic, write_text_atomic
+from .files import create_file_atomic, fsync_dir, write_bytes_atomic
 from .filter import Registration
 from .model import PARAM_NAMES
 
@@ -181,7 +181,7 @@ def tensors_file(folder: Path) -> Path | None:
     return folder / str(refs[-1]["file"]) if refs else None
 
 
-def canonical(payload: Mapping[str, Any]) -> bytes:
+def canonical(payload: Any) -> bytes:
     """Canonical serialisation that the digest and the HMAC cover (sorted keys, no spaces)."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
         "utf-8"
@@ -306,27 +306,78 @@ def _refuse_headless(folder: Path, why: str) -> ValueError:
     )
 
 
-def _seal(payload: Mapping[str, Any], key: bytes) -> dict[str, Any]:
-    """``payload`` (normalised through JSON) with its ``integrity`` block."""
-    body: dict[str, Any] = json.loads(json.dumps(payload))
-    data = canonical(body)
-    return {
-        **body,
-        "integrity": {
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "hmac_sha256": _mac(key, data),
-            "key_id": key_id(key),
-        },
-    }
+def _normal(value: Any) -> Any:
+    """``value`` as a reader of its JSON sees it (string keys, lists for tuples, ...)."""
+    return json.loads(json.dumps(value))
 
 
-def _commit(folder: Path, meta: Mapping[str, Any]) -> None:
-    """Atomically replace ``filter.json`` (the commit point of a save).
+def _assemble(parts: Mapping[str, bytes]) -> bytes:
+    """The canonical JSON object of string keys -> canonical JSON values (see :func:`canonical`).
 
-    One line: Python's JSON encoder is written in C only without ``indent``, and a filter is
-    saved after every registration (at 1,000 users, 27 ms per save indented, 10 ms not).
+    ``json.dumps(sort_keys=True)`` writes an object's items sorted by key, each as key, ``:``,
+    value, separated by ``,``: so this is byte for byte ``canonical`` of the whole object,
+    without encoding its values again (a filter's entries are encoded once, not at every save).
     """
-    write_text_atomic(folder / META_FILE, json.dumps(meta, ensure_ascii=False) + "\n")
+    return b"{" + b",".join(canonical(k) + b":" + v for k, v in sorted(parts.items())) + b"}"
+
+
+def _commit(folder: Path, body: bytes, key: bytes) -> None:
+    """Atomically replace ``filter.json`` by ``body`` with its ``integrity`` block.
+
+    ``body`` is the canonical serialisation that the digest and the HMAC cover; the file is
+    that object with ``integrity`` added (a reader drops it and serialises the rest
+    canonically again: the same bytes). The rename is the commit point of a save.
+    """
+    integrity = {
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "hmac_sha256": _mac(key, body),
+        "key_id": key_id(key),
+    }
+    data = body[:-1] + b',"integrity":' + canonical(integrity) + b"}\n"
+    write_bytes_atomic(folder / META_FILE, data)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """Identity of the file at ``path`` now (inode, size, mtime), None if there is none."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class SaveCache:
+    """What a caller that saves one filter again and again keeps from save to save.
+
+    ``fragments``: the canonical JSON of each entry, by the identities of its registration and
+    its metadata mapping; both are held here, so an identity is never reused while cached, and
+    the caller must not change them in place (:class:`PersistentFilter` never does).
+    ``committed``: the identity of the ``filter.json`` that the last save wrote; while the file
+    is unchanged, the next save does not parse it again to see that it is readable.
+    """
+
+    fragments: dict[tuple[int, int], tuple[Registration, Mapping[str, Any], str, bytes]] = field(
+        default_factory=dict
+    )
+    committed: tuple[int, int, int] | None = None
+
+
+def _encoded_entry(
+    reg: Registration,
+    extra: Mapping[str, Any],
+    digests: dict[int, str] | None,
+    cache: SaveCache | None,
+    used: dict[tuple[int, int], tuple[Registration, Mapping[str, Any], str, bytes]],
+) -> tuple[str, bytes]:
+    """Key and canonical JSON of the entry of ``reg`` (from ``cache`` when it has them)."""
+    ident = (id(reg), id(extra))
+    hit = cache.fragments.get(ident) if cache is not None else None
+    if hit is None or hit[0] is not reg or hit[1] is not extra:
+        entry = _entry(reg, extra, digests)
+        hit = (reg, extra, entry["key"], canonical(_normal(entry)))
+    used[ident] = hit
+    return hit[2], hit[3]
 
 
 def _is_ours(name: str) -> bool:
@@ -358,6 +409,7 @@ def save_filter(
     history: Sequence[tuple[Registration, Mapping[str, Any]]] = (),
     reuse: Sequence[Segment] = (),
     digests: dict[int, str] | None = None,
+    cache: SaveCache | None = None,
 ) -> list[Segment]:
     """Atomically replace the filter in ``folder`` by ``registrations`` (see the module doc).
 
@@ -381,6 +433,10 @@ def save_filter(
         Content hashes by ``id(params)`` of registrations the caller keeps alive and unchanged
         (read and extended here): a filter saved after every registration then hashes each
         autoencoder once, not at every save.
+    cache : SaveCache, optional
+        Kept by a caller that saves the same folder again and again (read and replaced here):
+        each entry is then encoded once, and a ``filter.json`` this cache saw committed is not
+        parsed again (a save at 1,000 entries: 40 ms without, a few with).
 
     Returns
     -------
@@ -393,24 +449,28 @@ def save_filter(
         If ``folder`` holds tensors without a readable ``filter.json``, if ``info`` or ``extra``
         use reserved keys, or if the key file cannot be created.
     """
-    info = dict(info or {})
+    info = _normal(dict(info or {}))
     clash = sorted(RESERVED & set(info))
     if clash:
         raise ValueError(f"filter info may not set {clash}")
+    used: dict[tuple[int, int], tuple[Registration, Mapping[str, Any], str, bytes]] = {}
+    no_extra: dict[str, Any] = {}
     entries = [
-        _entry(reg, (extra or {}).get(k, {}), digests) for k, reg in enumerate(registrations)
+        _encoded_entry(reg, (extra or {}).get(k, no_extra), digests, cache, used)
+        for k, reg in enumerate(registrations)
     ]
-    past = [_entry(reg, meta_k, digests) for reg, meta_k in history]
+    past = [_encoded_entry(reg, meta_k, digests, cache, used) for reg, meta_k in history]
     params = {
-        entry["key"]: reg.params
-        for entry, reg in zip(
+        key: reg.params
+        for (key, _), reg in zip(
             [*entries, *past], [*registrations, *(r for r, _ in history)], strict=True
         )
     }
     kept = [
         seg for seg in reuse if set(seg.keys) <= params.keys() and (folder / seg.file).is_file()
     ]
-    fresh = [k for k in params if not any(k in seg.keys for seg in kept)]
+    held = {k for seg in kept for k in seg.keys}
+    fresh = [k for k in params if k not in held]
     if fresh:  # a binary counter: the new segment absorbs the newest old ones not larger
         while kept and len(kept[-1].keys) <= len(fresh):
             fresh = [*kept.pop().keys, *fresh]
@@ -422,7 +482,8 @@ def save_filter(
 
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / META_FILE
-    if meta_path.exists():
+    stamp = _stamp(meta_path)
+    if stamp is not None and (cache is None or stamp != cache.committed):
         try:
             if not isinstance(json.loads(meta_path.read_bytes()), dict):
                 raise ValueError("not a JSON object")
@@ -430,12 +491,16 @@ def save_filter(
             raise ValueError(
                 f"{folder}: {META_FILE} is unreadable ({err}); refusing to overwrite it"
             ) from err
-    elif _tensor_files(folder):
+    elif stamp is None and _tensor_files(folder):
         raise _refuse_headless(folder, f"{META_FILE} is missing")
     key = ensure_filter_key()
-    head = {"format": FORMAT_VERSION}
-    if not meta_path.exists():  # a tensors file must never lie here without a filter.json
-        _commit(folder, _seal({**head, "tensors": [], "entries": [], "history": [], **info}, key))
+    top = {k: canonical(v) for k, v in info.items()}
+    top["format"] = canonical(FORMAT_VERSION)
+    if stamp is None:  # a tensors file must never lie here without a filter.json
+        empty = canonical([])
+        _commit(
+            folder, _assemble({**top, "tensors": empty, "entries": empty, "history": empty}), key
+        )
 
     segments = list(kept)
     if tensors:
@@ -443,10 +508,13 @@ def save_filter(
         digest = hashlib.sha256(data).hexdigest()
         segments.append(Segment(f"{TENSORS_PREFIX}{digest}{TENSORS_SUFFIX}", digest, tuple(fresh)))
         write_bytes_atomic(folder / segments[-1].file, data)
-    refs = [seg.to_json() for seg in segments]
-    _commit(
-        folder, _seal({**head, "tensors": refs, "entries": entries, "history": past, **info}, key)
-    )
+    top["tensors"] = canonical(_normal([seg.to_json() for seg in segments]))
+    top["entries"] = b"[" + b",".join(fragment for _, fragment in entries) + b"]"
+    top["history"] = b"[" + b",".join(fragment for _, fragment in past) + b"]"
+    _commit(folder, _assemble(top), key)
+    if cache is not None:
+        cache.fragments = used
+        cache.committed = _stamp(meta_path)
     _clean(folder, {seg.file for seg in segments})
     log.debug(
         "saved %d autoencoders (%d replaced, %d written) to %s in %d segments",
@@ -859,6 +927,7 @@ class PersistentFilter:
         #: The segments of the committed filter (verified), reused by the next save.
         self.segments: list[Segment] = []
         self._digests: dict[int, str] = {}
+        self._cache = SaveCache()
         if (folder / META_FILE).exists():
             regs, meta, self.history, self.segments = _open(
                 folder, verify_key=verify_key, with_history=True
@@ -915,5 +984,6 @@ class PersistentFilter:
             history=history,
             reuse=self.segments,
             digests=digests,
+            cache=self._cache,
         )
         self._digests = digests
