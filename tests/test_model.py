@@ -106,3 +106,29 @@ def test_min_steps_gives_small_partitions_as_many_updates():
         0,
     )
     assert len(report.losses) == 3
+
+
+def test_progress_is_logged_at_quarters_only_for_a_training_that_runs_a_second(caplog):
+    import logging
+
+    from docl_flower.core import device
+
+    def run(seconds_per_epoch: float) -> list[str]:
+        now = [0.0]
+        report = device._progress(user=7, cls=3, epochs=8, clock=lambda: now[0])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=device.log.name):
+            for epoch in range(8):
+                now[0] = (epoch + 1) * seconds_per_epoch  # the clock when the epoch ends
+                report(epoch, 1.0 / (epoch + 1))
+        return [r.getMessage() for r in caplog.records]
+
+    # 60 images: the whole training is well under a second, nothing but start and result.
+    assert run(0.01) == []
+    # A long training: each quarter (epochs 2, 4, 6, 8) once a second has passed.
+    assert run(0.3) == [
+        "user 7 class 3: epoch 4/8, loss 0.250",
+        "user 7 class 3: epoch 6/8, loss 0.167",
+        "user 7 class 3: epoch 8/8, loss 0.125",
+    ]
+    assert len(run(1.0)) == 4
