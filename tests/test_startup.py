@@ -29,7 +29,7 @@ from docl_flower.core.results import RunResult, write_results
 from docl_flower.federation.client_tasks import threads_from_environment
 from docl_flower.operations import main as main_module
 from docl_flower.operations.main import ResultsOfRun
-from docl_flower.operations.processes import process_table, stream_flwr_run
+from docl_flower.operations.processes import DRAIN_S, process_table, stream_flwr_run
 from docl_flower.operations.simulation import (
     private_head_wanted,
     ray_head,
@@ -215,6 +215,52 @@ def test_a_run_whose_app_is_done_is_stopped_without_waiting_for_flower(tmp_path)
     assert run.app_done and run.run_id == 7
     assert run.returncode == -signal.SIGKILL
     assert set(asked) == {7}
+
+
+def test_a_done_run_streams_on_until_the_apps_last_line_then_stops(tmp_path):
+    # Prepare: the app's last line reaches the log stream 0.5 s after its results exist.
+    flag = tmp_path / "done"
+    script = f"""
+import os, time
+print("Successfully started run 8", flush=True)
+for i in range(600):
+    if os.path.exists({str(flag)!r}):
+        time.sleep(0.5)
+        print("INFO: results written to somewhere", flush=True)
+        time.sleep(60)
+    print("log line", i, flush=True)
+    time.sleep(0.1)
+"""
+    threading.Timer(0.5, flag.touch).start()
+    out = io.StringIO()
+    # Execute
+    started = time.monotonic()
+    run = stream_flwr_run(
+        [sys.executable, "-c", script],
+        {},
+        timeout_s=120,
+        echo=out,
+        done=lambda _: flag.exists(),
+        last_line=lambda line: "results written to" in line,
+    )
+    # Assert: the last line was streamed, and the run stopped soon after it (not after 60 s).
+    assert run.app_done and run.run_id == 8
+    assert out.getvalue().rstrip().endswith("results written to somewhere")
+    assert time.monotonic() - started < 10
+
+
+def test_a_done_run_whose_last_line_never_comes_is_stopped_after_the_drain_time(tmp_path):
+    started = time.monotonic()
+    run = stream_flwr_run(
+        [sys.executable, "-c", _FAKE_FLWR_RUN],
+        {},
+        timeout_s=120,
+        echo=io.StringIO(),
+        done=lambda _: True,
+        last_line=lambda line: False,
+    )
+    elapsed = time.monotonic() - started
+    assert run.app_done and DRAIN_S <= elapsed < DRAIN_S + 8
 
 
 def test_a_run_that_ends_before_its_app_is_done_reports_flowers_outcome(tmp_path):

@@ -47,3 +47,6 @@ NODE_DATA_DIR = "data-dir"
 
 #: Separator between the class label and the tensor name in the upload's ArrayRecord.
 ARRAY_KEY_SEP = "/"
+
+#: The ServerApp's last log line starts so: ``docl-flower`` streams a run until it comes.
+RESULTS_LOGGED = "results written to"

@@ -117,4 +117,4 @@ def main(grid: Grid, context: Context) -> None:
     result.config = exp.config
     # The last step: once this file holds this run's id, docl-flower stops the run.
     write_results(out_dir / RESULTS_FILE, result)
-    log.info("results written to %s", out_dir / RESULTS_FILE)
+    log.info("%s %s", keys.RESULTS_LOGGED, out_dir / RESULTS_FILE)

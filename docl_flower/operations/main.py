@@ -152,6 +152,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
         ray_address=exp.simulation.ray_address,
         preflight=lambda: check_train_recipe(exp),
         done=ResultsOfRun(out_dir / RESULTS_FILE),
+        last_line=lambda line: keys.RESULTS_LOGGED in line,
     )
     results_path = out_dir / RESULTS_FILE
     if not results_path.is_file():

@@ -518,6 +518,8 @@ class StreamedRun:
 
 #: How often :func:`stream_flwr_run` asks its ``done`` check (seconds).
 DONE_POLL_S = 0.1
+#: How long it streams on, once ``done`` holds, for the app's last line to arrive (seconds).
+DRAIN_S = 2.0
 
 
 def stream_flwr_run(
@@ -527,6 +529,7 @@ def stream_flwr_run(
     echo: TextIO | None = None,
     log_path: Path | None = None,
     done: Callable[[int], bool] | None = None,
+    last_line: Callable[[str], bool] | None = None,
 ) -> StreamedRun:
     """Run a ``flwr run ... --stream`` command, copy its output to ``echo`` / ``log_path``.
 
@@ -537,10 +540,12 @@ def stream_flwr_run(
 
     ``done(run_id)``, asked every :data:`DONE_POLL_S` seconds once the run id is known,
     tells when the app has finished its work (``docl-flower``: its ``results.json`` for
-    this run exists). ``flwr run`` is then stopped at once, and the result says
-    ``app_done``: Flower's teardown after the ServerApp (actors, Ray, the run's status,
-    the log stream's last polls) took 3-4 s of every run here, and the caller, who owns the
-    SuperLink, discards all of it anyway.
+    this run exists). ``flwr run`` is then stopped, and the result says ``app_done``:
+    Flower's teardown after the ServerApp (actors, Ray, the run's status, the log stream's
+    last polls) took 3-4 s of every run here, and the caller, who owns the SuperLink,
+    discards all of it anyway. It is stopped as soon as a line for which ``last_line``
+    holds has been streamed (the app's last log line: the output is then complete), at most
+    :data:`DRAIN_S` seconds after ``done`` held; at once without ``last_line``.
     """
     run_id: int | None = None
     last_error = ""
@@ -565,12 +570,16 @@ def stream_flwr_run(
     watchdog = threading.Timer(timeout_s, kill)
     watchdog.start()
     finished = threading.Event()
+    drained = threading.Event()  # the app's last line has been streamed
+    if last_line is None:
+        drained.set()
 
     def watch() -> None:
         assert done is not None
         while not finished.wait(DONE_POLL_S):
             if run_id is not None and done(run_id):
                 app_done.set()
+                drained.wait(DRAIN_S)
                 with contextlib.suppress(OSError):
                     proc.kill()  # its output ends; the loop below reads it to the end
                 return
@@ -595,6 +604,8 @@ def stream_flwr_run(
                     last_error = f"{match.group(1)}: {match.group(3)}"
                 if run_id is None and (found := _STARTED.search(line)):
                     run_id = int(found.group(1))
+                if last_line is not None and last_line(line):
+                    drained.set()
         streamed = True
     finally:
         watchdog.cancel()

@@ -250,6 +250,7 @@ def run_app(
     ray_address: str | None = None,
     preflight: Callable[[], None] | None = None,
     done: Callable[[int], bool] | None = None,
+    last_line: Callable[[str], bool] | None = None,
 ) -> int:
     """Run the Flower app in simulation and return its run id; raise if it did not complete.
 
@@ -262,7 +263,8 @@ def run_app(
     :func:`~.processes.stream_flwr_run`): once it holds, the run counts as completed and
     its processes are killed at once, instead of waiting for Flower to wind down the
     simulation and for ``flwr list`` to report ``finished:completed``. Without it, or when
-    ``flwr run`` ends before it holds, the run's status decides.
+    ``flwr run`` ends before it holds, the run's status decides. ``last_line`` recognises the
+    app's last log line: the run's output is streamed until it has come (at most 2 s).
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
     own_home = Path(tempfile.mkdtemp(prefix="sim-", dir=flwr_home))
@@ -277,6 +279,7 @@ def run_app(
             ray_address,
             preflight,
             done,
+            last_line,
         )
     finally:
         shutil.rmtree(own_home, ignore_errors=True)
@@ -292,6 +295,7 @@ def _run_app(
     ray_address: str | None,
     preflight: Callable[[], None] | None,
     done: Callable[[int], bool] | None,
+    last_line: Callable[[str], bool] | None,
 ) -> int:
     # The Ray head (if any) and the SuperLink start side by side.
     head = start_ray_head(log_dir) if private_head_wanted(ray_address) else None
@@ -318,7 +322,9 @@ def _run_app(
             format_config(federation_config),
         ]
         log.info("%s", " ".join(cmd))
-        run = stream_flwr_run(cmd, flwr_env(flwr_home), timeout_s, echo=sys.stdout, done=done)
+        run = stream_flwr_run(
+            cmd, flwr_env(flwr_home), timeout_s, echo=sys.stdout, done=done, last_line=last_line
+        )
         if run.app_done and run.run_id is not None:
             # Nothing of the run is kept: kill it all at once (a graceful stop of the
             # simulation, mid-way through Flower's teardown, takes seconds).
