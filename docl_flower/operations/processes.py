@@ -610,6 +610,7 @@ def stream_flwr_run(
     finally:
         watchdog.cancel()
         finished.set()
+        drained.set()  # the output has ended: nothing more to wait for
         if watcher.is_alive():
             watcher.join()
         try:

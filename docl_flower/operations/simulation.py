@@ -1,8 +1,10 @@
 """Launch a Flower simulation through ``flwr run`` with a project-local FLWR_HOME.
 
-The command starts its own simulation SuperLink on a free loopback port, runs the app, reads
-the run's final status, and always stops the SuperLink it started and every process below it
-(SuperExec, the simulation process, Ray's daemons and workers). Signals: the entry point runs
+The command starts its own simulation SuperLink on a free loopback port, runs the app, and
+always stops the SuperLink it started and every process below it (SuperExec, the simulation
+process, Ray's daemons and workers). The run is over when the app says its work is done (a
+``done`` check: ``docl-flower``'s is ``results.json`` holding this run's id), or else when
+``flwr run`` ends, and then the run's final status decides. Signals: the entry point runs
 inside :func:`~.processes.exit_on_signals`, which turns SIGINT/SIGTERM into an exception so
 that the ``finally`` blocks here run.
 
