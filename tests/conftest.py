@@ -14,6 +14,7 @@ import pytest
 from docl_flower.core.data import IdxDataset
 from docl_flower.core.filter import Registration
 from docl_flower.core.model import AutoencoderSpec
+from docl_flower.operations.processes import process_table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,19 +51,17 @@ def processes_with(marker: str, settle_s: float = 5.0) -> list[int]:
 
     Waits up to ``settle_s`` for them to go (a killed process is gone once reaped).
     """
+    needle = marker.encode()
     deadline = time.monotonic() + settle_s
     while True:
         found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+        for pid, info in process_table().items():
             try:
-                stat = (entry / "stat").read_text()
-                environ = (entry / "environ").read_bytes()
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
             except OSError:
                 continue
-            if stat[stat.rfind(")") + 2] != "Z" and marker.encode() in environ.split(b"\0"):
-                found.append(int(entry.name))
+            if not info.dead and needle in environ.split(b"\0"):
+                found.append(pid)
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)

@@ -23,6 +23,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """Identity of the file at ``path`` now (inode, size, mtime), None if there is none.
+
+    Every atomic write (:func:`atomic_write`) gives a new inode, so an unchanged stamp means
+    the file has not been replaced since.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary path next to ``path``, then rename it over ``path``.
 

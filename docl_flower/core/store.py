@@ -95,7 +95,7 @@ from numpy.typing import NDArray
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as dump_tensors
 
-from .files import create_file_atomic, fsync_dir, write_bytes_atomic
+from .files import create_file_atomic, file_stamp, fsync_dir, write_bytes_atomic
 from .filter import Registration
 from .model import PARAM_NAMES
 
@@ -337,15 +337,6 @@ def _commit(folder: Path, body: bytes, key: bytes) -> None:
     write_bytes_atomic(folder / META_FILE, data)
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    """Identity of the file at ``path`` now (inode, size, mtime), None if there is none."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 @dataclass
 class SaveCache:
     """What a caller that saves one filter again and again keeps from save to save.
@@ -373,7 +364,7 @@ def _encoded_entry(
     """Key and canonical JSON of the entry of ``reg`` (from ``cache`` when it has them)."""
     ident = (id(reg), id(extra))
     hit = cache.fragments.get(ident) if cache is not None else None
-    if hit is None or hit[0] is not reg or hit[1] is not extra:
+    if hit is None:  # (a hit is this very pair: the cache holds both, so no id was reused)
         entry = _entry(reg, extra, digests)
         hit = (reg, extra, entry["key"], canonical(_normal(entry)))
     used[ident] = hit
@@ -482,7 +473,7 @@ def save_filter(
 
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / META_FILE
-    stamp = _stamp(meta_path)
+    stamp = file_stamp(meta_path)
     if stamp is not None and (cache is None or stamp != cache.committed):
         try:
             if not isinstance(json.loads(meta_path.read_bytes()), dict):
@@ -514,7 +505,7 @@ def save_filter(
     _commit(folder, _assemble(top), key)
     if cache is not None:
         cache.fragments = used
-        cache.committed = _stamp(meta_path)
+        cache.committed = file_stamp(meta_path)
     _clean(folder, {seg.file for seg in segments})
     log.debug(
         "saved %d autoencoders (%d replaced, %d written) to %s in %d segments",

@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..core.config import PROJECT_ROOT, SimulationSpec, build_experiment, check_train_recipe
+from ..core.files import file_stamp
 from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
 from ..federation import keys, workflows  # noqa: F401  (registers the workflows)
 from .processes import exit_on_signals
@@ -109,13 +110,12 @@ class ResultsOfRun:
     def __call__(self, run_id: int) -> bool:
         """Whether the results file now holds the results of run ``run_id``."""
         try:
-            st = self.path.stat()
-        except OSError:
+            stamp = file_stamp(self.path)
+        except OSError:  # unreadable for now: not this run's results yet
             return False
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if key == self._seen:
+        if stamp is None or stamp == self._seen:
             return False
-        self._seen = key
+        self._seen = stamp
         try:
             return read_results(self.path).flower_run_id == run_id
         except ValueError:  # being replaced, or not a results file: not this run's
