@@ -205,6 +205,35 @@ def test_a_signal_stops_processes_that_left_the_group_and_were_orphaned(
                 os.kill(pid, signal.SIGKILL)
 
 
+#: A command that a signal stops, and that gets the same signal again while it exits.
+SIGNAL_WHILE_EXITING = """
+import os, signal, sys, time
+from docl_flower.operations.processes import exit_on_signals
+sig = int(sys.argv[1])
+try:
+    with exit_on_signals():
+        os.kill(os.getpid(), sig)
+        time.sleep(30)
+finally:
+    os.kill(os.getpid(), sig)  # the processes are stopped; the interpreter is on its way out
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_second_signal_while_exiting_keeps_the_exit_status(sig: signal.Signals) -> None:
+    # Execute
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_EXITING, str(int(sig))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Assert: 128 + signal, not death by the signal (-15 / -2)
+    assert proc.returncode == 128 + sig, (proc.returncode, proc.stderr[-2000:])
+    assert f"{sig.name} received while exiting: ignored" in proc.stderr
+
+
 def _simulation_training(log: Path) -> bool:
     return "training class" in log.read_text(errors="replace")
 
