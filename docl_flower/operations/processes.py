@@ -94,11 +94,6 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise SignalExit(signum)
 
 
-def _while_exiting(signum: int, _frame: FrameType | None) -> None:
-    """Handler once a signal has started the exit: the processes are stopped, exit as begun."""
-    log.warning("%s received while exiting: ignored", signal.Signals(signum).name)
-
-
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
     """Postpone :class:`SignalExit` until the block ends (main thread; elsewhere a no-op).
@@ -131,10 +126,12 @@ def exit_on_signals(signals: Iterable[int] = EXIT_SIGNALS) -> Iterator[None]:
     For a command's entry point (main thread only; elsewhere it only stops the processes).
     The exception unwinds the stack, so ``finally`` blocks and context managers stop what
     they started; whatever is still tracked afterwards is stopped here. The previous handlers
-    are restored at the end, unless a signal started the exit: then later signals of these
-    kinds are logged and ignored until the process ends. Restoring the default there would
-    let a second SIGTERM, sent while the interpreter shuts down, kill the process by the
-    signal (status -15) instead of the promised 143.
+    are restored at the end, unless a signal started the exit: the processes are stopped by
+    then, and later signals of these kinds are ignored (``SIG_IGN``) until the process ends.
+    Neither the default nor a Python handler would do: the default lets a second SIGTERM,
+    sent while the interpreter shuts down, kill the process by the signal (status -15 instead
+    of the promised 143), and the interpreter itself resets Python handlers to the default
+    early in its finalisation, while it keeps ``SIG_IGN``.
     """
     previous: dict[int, Any] = {}
     if _in_main_thread():
@@ -148,7 +145,7 @@ def exit_on_signals(signals: Iterable[int] = EXIT_SIGNALS) -> Iterator[None]:
         finally:
             exiting = _SIGNALS.exiting
             for sig, handler in previous.items():
-                signal.signal(sig, _while_exiting if exiting else handler)
+                signal.signal(sig, signal.SIG_IGN if exiting else handler)
             if previous:
                 _SIGNALS.depth, _SIGNALS.pending, _SIGNALS.exiting = 0, None, False
                 _HURRY.clear()
