@@ -214,7 +214,7 @@ from docl_flower.operations.processes import exit_on_signals
 sig = int(sys.argv[1])
 
 class Late:
-    def __del__(self, kill=os.kill, pid=os.getpid(), sleep=time.sleep):
+    def __del__(self, kill=os.kill, pid=os.getpid(), sleep=time.sleep, sig=sig):
         kill(pid, sig)  # runs when the interpreter clears this module
         sleep(0.3)
 
