@@ -42,6 +42,9 @@ def test_bench_writes_its_json(tmp_path, capsys, monkeypatch):
         (3, True),
         (17, True),
     ]
+    for load in payload["load"]:
+        assert 0 < load["register_seconds_median"] <= load["register_seconds_max"]
+    assert "+1 user ms" in text
     assert payload["agreement"] is None
     assert payload["auto"]["20"]["picks"] == ("bf16" if bench.bf16_available() else "native")
 
