@@ -185,3 +185,32 @@ def test_a_filter_json_damaged_between_two_saves_is_still_never_overwritten(tmp_
     with pytest.raises(ValueError, match="unreadable"):
         pf.register(1, [random_registration(rng, 1, 1)], [{}])
     assert meta_path.read_bytes() == before
+
+
+def test_a_reopened_filter_hashes_only_the_new_autoencoder_at_its_next_save(
+    tmp_path, monkeypatch
+):
+    # Prepare: a filter with a replaced version in its history, reopened
+    folder = tmp_path / "f"
+    _grow(folder, 6, monkeypatch)
+    PersistentFilter(folder, INFO).register(
+        2, [random_registration(np.random.default_rng(7), 2, 2)], [{}]
+    )
+    pf = PersistentFilter(folder, INFO)
+    hashed = []
+    real = store_module.content_hash
+
+    def counting(params):
+        hashed.append(id(params))
+        return real(params)
+
+    monkeypatch.setattr(store_module, "content_hash", counting)
+    new = random_registration(np.random.default_rng(8), 6, 6)
+    # Execute
+    pf.register(6, [new], [{}])
+    # Assert: the load's verified hashes served every other entry and the history
+    assert hashed == [id(new.params)]
+    monkeypatch.setattr(store_module, "content_hash", real)
+    loaded, meta = load_filter(folder)
+    assert [r.user_id for r in loaded] == [0, 1, 3, 4, 5, 2, 6]
+    assert [e["user_id"] for e in meta["history"]] == [2]

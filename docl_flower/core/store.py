@@ -924,6 +924,15 @@ class PersistentFilter:
                 folder, verify_key=verify_key, with_history=True
             )
             self.entries = [(r, entry_extra(e)) for r, e in zip(regs, meta["entries"], strict=True)]
+            # The load verified every content hash: the first save hashes no tensor again.
+            self._digests = {
+                id(r.params): str(e["sha256"])
+                for r, e in zip(
+                    [*regs, *(r for r, _ in self.history)],
+                    [*meta["entries"], *meta["history"]],
+                    strict=True,
+                )
+            }
             log.info("loaded %d autoencoders from %s", len(regs), folder)
         elif _tensor_files(folder):
             raise _refuse_headless(folder, f"{META_FILE} is missing")
