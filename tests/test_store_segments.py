@@ -187,9 +187,7 @@ def test_a_filter_json_damaged_between_two_saves_is_still_never_overwritten(tmp_
     assert meta_path.read_bytes() == before
 
 
-def test_a_reopened_filter_hashes_only_the_new_autoencoder_at_its_next_save(
-    tmp_path, monkeypatch
-):
+def test_a_reopened_filter_hashes_only_the_new_autoencoder_at_its_next_save(tmp_path, monkeypatch):
     # Prepare: a filter with a replaced version in its history, reopened
     folder = tmp_path / "f"
     _grow(folder, 6, monkeypatch)
