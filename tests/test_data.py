@@ -181,9 +181,13 @@ def test_a_recompressed_archive_passes_by_its_decompressed_contents(tmp_path):
 
 
 def test_idx_fingerprint_is_content_based(tmp_path):
-    # Prepare
+    # Prepare: a copy with the same contents in other gzip bytes (header time stamp, level).
     root = _write_fashion(tmp_path / "a")
     same = _write_fashion(tmp_path / "b")
+    for archive in same.iterdir():
+        raw = gzip.decompress(archive.read_bytes())
+        archive.write_bytes(gzip.compress(raw, compresslevel=1, mtime=12345))
+        assert archive.read_bytes() != (root / archive.name).read_bytes()
     known_here = IdxDataset("mnist", str(PROJECT_ROOT / "data" / "mnist"))
     known_elsewhere = IdxDataset("mnist", str(tmp_path / "absent"), download=False)
 

@@ -399,8 +399,9 @@ class IdxDataset:
         """Content hash of both splits (no download, and no file read for verified known data).
 
         With ``verify`` and known checksums the decompressed contents are known, whatever folder
-        or compression; otherwise every archive is hashed (cached per process), a missing one
-        counting as missing.
+        or compression; otherwise every archive's decompressed contents are hashed (cached per
+        process), a missing one counting as missing. Hashing contents, not gzip bytes, keeps the
+        fingerprint of a recompressed copy, whose header (time stamp, level) differs.
         """
         files = [f for split in SPLITS for f in IDX_FILES[split]]
         known = KNOWN_CONTENT_SHA256.get(self.name, {})
@@ -408,7 +409,9 @@ class IdxDataset:
             contents = {f: known[f] for f in files}
         else:
             found = {f: self._find(f) for f in files}
-            contents = {f: "missing" if p is None else file_sha256(p) for f, p in found.items()}
+            contents = {
+                f: "missing" if p is None else gzip_content_sha256(p) for f, p in found.items()
+            }
         return _digest({"loader": "idx", "version": LOADER_VERSION, "files": contents})
 
 
