@@ -36,6 +36,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageOps
 
+from .files import cached_digest, file_sha256, sha256_stream
+
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "test"]
@@ -151,44 +153,17 @@ def load_cached(dataset: ImageDataset, split: Split) -> tuple[NDArray[np.uint8],
 # ---------------------------------------------------------------------------- hashing
 
 
-#: Per-process cache of content hashes, keyed by the file's identity and modification stamp.
-_HASH_CACHE: dict[tuple[str, str, int, int, int, int], str] = {}
-
-
-def _stat_key(kind: str, path: Path) -> tuple[str, str, int, int, int, int]:
-    st = path.stat()
-    return (kind, str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _digest_stream(handle: io.BufferedIOBase | gzip.GzipFile) -> str:
-    digest = hashlib.sha256()
-    for block in iter(lambda: handle.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, cached per process until the file changes (size, mtime)."""
-    key = _stat_key("file", path)
-    cached = _HASH_CACHE.get(key)
-    if cached is None:
-        with path.open("rb") as handle:
-            cached = _HASH_CACHE[key] = _digest_stream(handle)
-    return cached
+def _gzip_sha256(path: Path) -> str:
+    try:
+        with gzip.open(path, "rb") as handle:
+            return sha256_stream(handle)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is not a readable gzip file ({err})") from err
 
 
 def gzip_content_sha256(path: Path) -> str:
     """SHA-256 of a gzip file's decompressed bytes (cached like :func:`file_sha256`)."""
-    key = _stat_key("gzip", path)
-    cached = _HASH_CACHE.get(key)
-    if cached is None:
-        try:
-            with gzip.open(path, "rb") as handle:
-                cached = _digest_stream(handle)
-        except (OSError, EOFError, zlib.error) as err:
-            raise DataError(f"{path} is not a readable gzip file ({err})") from err
-        _HASH_CACHE[key] = cached
-    return cached
+    return cached_digest("gzip", path, _gzip_sha256)
 
 
 def _digest(obj: object) -> str:

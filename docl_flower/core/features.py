@@ -21,7 +21,6 @@ flattens whatever it gets.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+
+from .files import file_sha256
 
 if TYPE_CHECKING:
     from torch import nn
@@ -215,29 +216,6 @@ def scale_unit(raw: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor
     x = (raw.to(torch.float32) - low) / (high - low)
     clipped = int(((x < 0) | (x > 1)).sum())
     return x.clamp_(0.0, 1.0).contiguous(), clipped
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-_HASH_LOCK = threading.Lock()
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's content, computed once per process (per path, size, mtime)."""
-    resolved = Path(path).expanduser().resolve()
-    st = resolved.stat()
-    cache_key = (str(resolved), st.st_size, st.st_mtime_ns)
-    with _HASH_LOCK:
-        known = _HASHES.get(cache_key)
-    if known is not None:
-        return known
-    digest = hashlib.sha256()
-    with resolved.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    with _HASH_LOCK:
-        _HASHES[cache_key] = value
-    return value
 
 
 def _key(name: str, version: int, params: dict[str, object]) -> str:

@@ -1,12 +1,19 @@
-"""Crash-safe file writes: a temporary file in the same folder, fsync, then one rename."""
+"""Crash-safe file writes, file identity stamps, and content hashes cached per process.
+
+A crash-safe write goes to a temporary file in the same folder, is fsynced, then renamed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(folder: Path) -> None:
@@ -34,6 +41,47 @@ def file_stamp(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+#: Per-process cache of content hashes, keyed by kind and the file's identity and stamp.
+_DIGESTS: dict[tuple[str, str, int, int, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def sha256_stream(handle: io.BufferedIOBase | BinaryIO) -> str:
+    """SHA-256 of everything left to read from ``handle``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_digest(kind: str, path: str | Path, compute: Callable[[Path], str]) -> str:
+    """``compute(path)``, computed once per process until the file changes.
+
+    The key is ``kind``, the resolved path, device, inode, size and modification time, so a
+    replaced or rewritten file is hashed again.
+    """
+    resolved = Path(path).expanduser().resolve()
+    st = resolved.stat()
+    key = (kind, str(resolved), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+    if known is None:
+        known = compute(resolved)
+        with _DIGESTS_LOCK:
+            _DIGESTS[key] = known
+    return known
+
+
+def _read_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return sha256_stream(handle)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, cached per process until the file changes."""
+    return cached_digest("file", path, _read_sha256)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
