@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from docl_flower.core.data import IdxDataset
 from docl_flower.core.filter import Registration
@@ -17,6 +18,11 @@ from docl_flower.core.model import AutoencoderSpec
 from docl_flower.operations.processes import process_table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# CI (.ci/run) draws the same hypothesis examples every time, so that a run lands or fails on
+# the code, not on the draw; a local `make test` draws new ones (and replays saved failures).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("DOCL_FLOWER_HYPOTHESIS_PROFILE", "default"))
 
 
 def random_registration(

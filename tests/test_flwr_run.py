@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,15 @@ def statuses(home: Path) -> list[str]:
 def flwr_home(tmp_path):
     home = tmp_path / "flwr-home"
     yield home
-    # Flower's managed local SuperLink outlives `flwr run`: whoever starts it stops it.
+    # Flower's managed local SuperLink outlives `flwr run`: whoever starts it stops it, and
+    # waits until it is gone (its fixed ports free) before the next test starts one.
     subprocess.run(["pkill", "-f", str(home)], check=False)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-f", str(home)], capture_output=True).returncode == 0:
+        if time.monotonic() > deadline:
+            subprocess.run(["pkill", "-KILL", "-f", str(home)], check=False)
+            break
+        time.sleep(0.2)
 
 
 def test_plain_flwr_run_composes_the_config_and_follows_the_federation(

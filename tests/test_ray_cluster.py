@@ -71,11 +71,12 @@ def test_a_run_joins_an_existing_ray_cluster_and_reports_owner_accuracy(
     assert 0.0 <= results["owner_guarded_accuracy"] <= results["owner_accuracy"]
     assert {"setup", "registration", "evaluation"} <= results["phase_seconds"].keys()
     # The clients ran as workers of that cluster: their log lines are in its session logs.
+    lines = [f"user {u}: training class 0" for u in range(3)]
     deadline = time.time() + 20
-    while "training class 0" not in _session_logs(temp) and time.time() < deadline:
+    while not all(line in _session_logs(temp) for line in lines) and time.time() < deadline:
         time.sleep(1)
     logs = _session_logs(temp)
-    assert all(f"user {u}: training class 0" in logs for u in range(3)), logs[-2000:]
+    assert all(line in logs for line in lines), logs[-2000:]
 
 
 @pytest.mark.parametrize("address", ["not an address", "", "ray://", "host:port", "1.2.3.4"])

@@ -28,6 +28,7 @@ from docl_flower.core.config import compose_config, load_experiment
 from docl_flower.core.results import RunResult, write_results
 from docl_flower.federation.client_tasks import threads_from_environment
 from docl_flower.operations import main as main_module
+from docl_flower.operations import processes
 from docl_flower.operations.main import ResultsOfRun
 from docl_flower.operations.processes import DRAIN_S, process_table, stream_flwr_run
 from docl_flower.operations.simulation import (
@@ -217,8 +218,10 @@ def test_a_run_whose_app_is_done_is_stopped_without_waiting_for_flower(tmp_path)
     assert set(asked) == {7}
 
 
-def test_a_done_run_streams_on_until_the_apps_last_line_then_stops(tmp_path):
-    # Prepare: the app's last line reaches the log stream 0.5 s after its results exist.
+def test_a_done_run_streams_on_until_the_apps_last_line_then_stops(tmp_path, monkeypatch):
+    # Prepare: the app's last line reaches the log stream 0.5 s after its results exist; a
+    # drain time long enough that only the last line can stop the run within the 10 s asserted.
+    monkeypatch.setattr(processes, "DRAIN_S", 30.0)
     flag = tmp_path / "done"
     script = f"""
 import os, time
