@@ -201,6 +201,9 @@ def test_idx_fingerprint_is_content_based(tmp_path):
     # Assert: stable, folder-independent, sensitive to contents; verified MNIST needs no file.
     assert first == again == copy and changed != first
     assert known_here.fingerprint() == known_elsewhere.fingerprint()
+    # Hashing the shipped files gives what their known contents give.
+    unverified = IdxDataset("mnist", str(PROJECT_ROOT / "data" / "mnist"), verify=False)
+    assert unverified.fingerprint() == known_here.fingerprint()
     assert known_here.fingerprint() != IdxDataset("fashion-mnist", "x").fingerprint()
 
 
