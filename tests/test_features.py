@@ -30,8 +30,8 @@ from docl_flower.core.features import (
     Identity,
     ResNetFeatures,
     describe,
-    file_sha256,
 )
+from docl_flower.core.files import file_sha256
 from docl_flower.core.registry import build
 
 from .conftest import PROJECT_ROOT

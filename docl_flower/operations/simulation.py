@@ -266,7 +266,8 @@ def run_app(
     its processes are killed at once, instead of waiting for Flower to wind down the
     simulation and for ``flwr list`` to report ``finished:completed``. Without it, or when
     ``flwr run`` ends before it holds, the run's status decides. ``last_line`` recognises the
-    app's last log line: the run's output is streamed until it has come (at most 2 s).
+    app's last log line: the run's output is streamed until it has come (at most
+    :data:`~.processes.DRAIN_S` seconds).
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
     own_home = Path(tempfile.mkdtemp(prefix="sim-", dir=flwr_home))
