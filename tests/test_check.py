@@ -77,14 +77,17 @@ def test_filter_check_reports_bad_input(tmp_path):
     assert proc.returncode == 2 and "filter check:" in proc.stderr
 
 
-def _saved_filter(folder: Path, alpha: float = 1.5) -> Path:
+def _saved_filter(folder: Path, alpha: float = 1.5, max_alpha: float | None = 2.0) -> Path:
     """A two-user filter of random 784-4-784 autoencoders, with an Identity extractor."""
+    guard: dict[str, object] = {"alpha": alpha}
+    if max_alpha is not None:
+        guard["max_alpha"] = max_alpha
     rng = np.random.default_rng(0)
     regs = [random_registration(rng, u, u, dim=784, hidden=4) for u in (0, 1)]
     info = {
         "config": {
             "features": {"_target_": "docl_flower.core.features.Identity"},
-            "guard": {"alpha": alpha},
+            "guard": guard,
             "dataset": {"image_shape": [28, 28]},
         }
     }
@@ -137,6 +140,23 @@ def test_all_files_readable_exits_0(saved_filter, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0 and err == ""
     assert "alpha 2.0" in out and len(out.splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("max_alpha", "asked", "limit"),
+    [(2.0, "2.5", "2"), (None, "1.6", "1.5")],  # None: a filter saved before max_alpha existed
+)
+def test_an_alpha_above_the_filters_max_alpha_is_refused(tmp_path, capsys, max_alpha, asked, limit):
+    # Prepare: the upload check judged what a Guard up to max_alpha (or the saved alpha) blocks.
+    folder = _saved_filter(tmp_path / "filter", alpha=1.5, max_alpha=max_alpha)
+    image = _png(tmp_path / "a.png", 1)
+    # Execute
+    code = main([str(folder), str(image), "--uploader", "0", "--alpha", asked])
+    # Assert: one line, exit 2, nothing decided.
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and f"max_alpha {limit}" in err, err
+    assert main([str(folder), str(image), "--uploader", "0", "--alpha", limit]) == 0
 
 
 BAD_ARGS = {

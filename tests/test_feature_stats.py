@@ -28,6 +28,7 @@ from docl_flower.core.feature_stats import (
 )
 from docl_flower.core.filter import OUTSIDER, ArgminGuard, StrictGuard
 from docl_flower.core.metrics import evaluate
+from docl_flower.core.probe import ProbeSet
 
 
 def _cluster(rng: np.random.Generator, n: int, dim: int, centre: float, spread: float = 0.05):
@@ -340,10 +341,10 @@ def test_the_probe_check_refuses_a_catch_all_range():
     _, stats = _two_classes()
     honest = stats[0]
     catch_all = ClassStats(**{**honest.__dict__, "ll_std": 1e6})
-    probe = torch.rand(64, 4, generator=torch.Generator().manual_seed(0))
+    probe = ProbeSet(torch.rand(64, 4, generator=torch.Generator().manual_seed(0)), harmless=48)
     # Execute / Assert
-    assert probe_problem(honest, probe, 1.5, "one", 0.2) is None
-    problem = probe_problem(catch_all, probe, 1.5, "one", 0.2)
+    assert probe_problem(honest, probe, 1.5, 0.2) is None
+    problem = probe_problem(catch_all, probe, 1.5, 0.2)
     assert problem is not None and "catch-all" in problem and "100.0%" in problem
 
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from docl_flower.core import native
 from docl_flower.core.filter import GlobalFilter, Registration, ScoringConfig, reference_scores
 from docl_flower.core.model import PARAM_NAMES
-from docl_flower.core.probe import ProbeCheck, probe_set, reference_scores64
+from docl_flower.core.probe import ProbeCheck, ProbeSet, probe_set, reference_scores64
 from docl_flower.core.store import PersistentFilter, load_filter
 from docl_flower.federation import keys
 from docl_flower.federation.strategy import RegisterOnce
@@ -311,7 +311,7 @@ def honest_reg() -> Registration:
 
 
 @pytest.fixture(scope="module")
-def probe() -> torch.Tensor:
+def probe() -> ProbeSet:
     harmless = torch.rand(200, 64, generator=torch.Generator().manual_seed(5)) * 0.3
     return probe_set(harmless, 64, count=128, noise=32, seed=1)
 
@@ -320,15 +320,33 @@ def probe() -> torch.Tensor:
 def test_an_honest_autoencoder_passes_the_probe_check(honest_reg, probe, kernel):
     if kernel == "native" and native.load() is None:
         pytest.skip("the fused kernel cannot be built here")
-    check = ProbeCheck(probe, alpha=1.5, scoring=ScoringConfig(kernel=kernel))
+    check = ProbeCheck(probe, max_alpha=2.0, scoring=ScoringConfig(kernel=kernel))
     assert check.problem(honest_reg) is None
 
 
 def test_a_catch_all_interval_is_refused_with_the_measured_share(honest_reg, probe):
-    dim = probe.shape[1]
+    dim = probe.images.shape[1]
     swallow = Registration(0, 0, honest_reg.params, dim / 2, float(dim), 40)
-    problem = ProbeCheck(probe, alpha=1.5, scoring=ScoringConfig(kernel="torch")).problem(swallow)
-    assert problem is not None and "catch-all" in problem and "100.0%" in problem
+    problem = ProbeCheck(probe, max_alpha=2.0, scoring=ScoringConfig(kernel="torch")).problem(
+        swallow
+    )
+    assert problem is not None and "catch-all" in problem
+    assert "100.0% of its harmless images" in problem and "100.0% of its noise images" in problem
+
+
+def test_large_mu_tiny_sigma_is_judged_by_what_it_blocks_one_sided(honest_reg, probe):
+    # Prepare: an interval far above every honest error and a tiny sigma. Its two-sided
+    # interval [mu - 2 sigma, mu + 2 sigma] holds none of the probe (the check of before let it
+    # in), but one-sided, or under the strict Guard, it blocks every image below mu.
+    scores = reference_scores64(honest_reg, probe.images)
+    mu = 10 * float(scores.max())
+    reg = Registration(0, 0, honest_reg.params, mu, 1e-6, 40)
+    two_sided = ((scores >= mu - 2e-6) & (scores <= mu + 2e-6)).to(torch.float64).mean()
+    assert float(two_sided) == 0.0
+    # Execute
+    problem = ProbeCheck(probe, max_alpha=2.0, scoring=ScoringConfig(kernel="torch")).problem(reg)
+    # Assert
+    assert problem is not None and "catch-all" in problem and "d <= mu + 2 sigma" in problem
 
 
 def test_overflowing_weights_are_refused_by_the_probe_check(honest_reg, probe):
@@ -336,8 +354,86 @@ def test_overflowing_weights_are_refused_by_the_probe_check(honest_reg, probe):
     params["encoder.weight"][:] = 3e38  # the encoder overflows to inf in float32
     params["decoder.weight"][:] = 0.0  # and 0 * inf = NaN
     reg = Registration(0, 0, params, 1.0, 0.5, 40)
-    problem = ProbeCheck(probe, alpha=1.5, scoring=ScoringConfig(kernel="torch")).problem(reg)
+    problem = ProbeCheck(probe, max_alpha=2.0, scoring=ScoringConfig(kernel="torch")).problem(reg)
     assert problem is not None and "not finite" in problem
+
+
+# ------------------------------------------------- one hostile user against everyone's uploads
+#: Segments of the 64 features: honest class k is bright in segment k; the attacker's in 3.
+_SEG = 16
+
+
+def _blobs(segment: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 64, generator=g) * 0.15
+    x[:, segment * _SEG : (segment + 1) * _SEG] += 0.75
+    return x.clamp(0, 1)
+
+
+def _harmless(n: int, seed: int) -> torch.Tensor:
+    """Harmless uploads: every brightness from dark to bright, any pattern."""
+    g = torch.Generator().manual_seed(seed)
+    level = torch.rand(n, 1, generator=g)
+    return (torch.rand(n, 64, generator=g) * level).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def crowd():
+    """Three honest autoencoders, the attacker's honestly trained one, the provider's sets."""
+    honest = [
+        trained_registration(_blobs(k, 60, k), user=k, label=k, epochs=40, seed=k) for k in range(3)
+    ]
+    attacker = trained_registration(_blobs(3, 60, 3), user=3, label=3, epochs=40, seed=3)
+    pool = _harmless(5120, seed=11)
+    probe = probe_set(pool[:1024], 64, count=1024, noise=64, seed=2)
+    return SimpleNamespace(honest=honest, attacker=attacker, probe=probe, fresh=pool[1024:])
+
+
+def _acceptance(regs: list[Registration], x: torch.Tensor, max_alpha: float) -> float:
+    """Share of ``x`` that the loosest allowed Guard (strict, one-sided, max_alpha) shares."""
+    flt = GlobalFilter(regs, ScoringConfig(kernel="torch"))
+    blocked = flt.inside(flt.scores(x), max_alpha, "one").any(dim=1)
+    return 1.0 - float(blocked.to(torch.float64).mean())
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    log_mu=st.floats(-6.0, 4.0),
+    log_sigma=st.floats(-6.0, 3.0),
+    far=st.booleans(),
+)
+def test_one_hostile_upload_cannot_cut_the_acceptance_of_harmless_images(
+    crowd, log_mu, log_sigma, far
+):
+    # Prepare: an honestly trained autoencoder uploaded with any mu and sigma over ten orders
+    # of magnitude, or with an interval far above every honest error (mu 1-10^4 times the
+    # largest score any probe image gets).
+    max_alpha, limit = 2.0, 0.01
+    check = ProbeCheck(crowd.probe, max_alpha, ScoringConfig(kernel="torch"), limit)
+    top = float(reference_scores64(crowd.attacker, crowd.probe.images).max())
+    mu = top * 10 ** (log_mu % 4.0) if far else 10**log_mu
+    attacker = Registration(3, 3, crowd.attacker.params, mu, 10**log_sigma, 60)
+    # Execute
+    problem = check.problem(attacker)
+    # Assert: refused, or what it blocks of fresh harmless uploads (not in the probe), under
+    # the loosest Guard any later check may use, stays within 0.02.
+    if problem is None:
+        without = _acceptance(crowd.honest, crowd.fresh, max_alpha)
+        with_attacker = _acceptance([*crowd.honest, attacker], crowd.fresh, max_alpha)
+        assert without - with_attacker <= 0.02, (mu, attacker.err_std, problem)
+    else:
+        assert "catch-all" in problem
+    if far:
+        assert problem is not None  # above every honest error: blocks everything below it
+
+
+def test_the_honest_crowd_passes_its_own_probe_check(crowd):
+    check = ProbeCheck(crowd.probe, 2.0, ScoringConfig(kernel="torch"), 0.01)
+    assert [check.problem(r) for r in [*crowd.honest, crowd.attacker]] == [None] * 4
 
 
 def _adversarial(seed: int, dim: int = 37, hidden: int = 9, scale: float = 1e3) -> Registration:

@@ -1,23 +1,34 @@
-"""SIGTERM / SIGINT stop every process that `docl-flower` and the deploy demo started.
+"""SIGTERM / SIGINT / SIGHUP stop every process that `docl-flower` and the deploy demo started.
 
 Each case starts the real command in its own session, waits until a ClientApp trains,
 records every descendant of the command (PID and start time, from /proc), signals the command
 only, and checks its exit status and that none of the recorded processes (nor any process
 naming the run's folder or the SuperLink's address) is left.
+
+A SIGKILL runs no clean-up: the watchdog that the command starts first stops every process
+carrying the run's marker, within seconds, and nothing else (the last cases).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from docl_flower.operations.watchdog import MARKER_VAR, carries
+
+from .conftest import processes_with
 
 pytestmark = [
     pytest.mark.slow,
@@ -174,7 +185,9 @@ with exit_on_signals():
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["sigterm", "sigint", "sighup"]
+)
 def test_a_signal_stops_processes_that_left_the_group_and_were_orphaned(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
@@ -307,3 +320,258 @@ def test_sigterm_stops_every_process_of_the_deploy_demo(tiny_root: Path, tmp_pat
     assert returncode == 128 + signal.SIGTERM
     assert left == {}, left
     assert elapsed < 60
+
+
+# --------------------------------------------------------- a closed terminal, SIGKILL: watchdog
+def _take_terminal() -> None:
+    """In the child: make its stdin (a pseudo-terminal) the session's controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_a_closed_terminal_stops_the_command_and_every_process_it_started(tmp_path: Path) -> None:
+    # Prepare: the command runs in a terminal of its own, like a shell over SSH.
+    (tmp_path / "marker").touch()
+    marker = str(tmp_path / "marker")
+    value = uuid.uuid4().hex
+    env = {**os.environ, "DOCL_TEST_MARKER": value}
+    terminal, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", COMMAND, TREE, str(tmp_path)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_take_terminal,
+    )
+    os.close(slave)
+
+    def tails() -> set[int]:
+        while select.select([terminal], [], [], 0)[0]:  # keep the terminal's buffer empty
+            with contextlib.suppress(OSError):
+                os.read(terminal, 65536)
+        return {pid for pid, cmd in _naming(marker).items() if cmd.startswith("tail")}
+
+    try:
+        _wait(lambda: len(tails()) == 2, 30, "the tree", tmp_path / "tree.log")
+        # Execute: the terminal goes away (the kernel sends SIGHUP to the command).
+        os.close(terminal)
+        terminal = -1
+        returncode = proc.wait(timeout=30)
+        # Assert
+        assert returncode == 128 + signal.SIGHUP
+        assert _naming(str(tmp_path)) == {}
+        assert processes_with(f"DOCL_TEST_MARKER={value}", settle_s=0) == []
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        _kill_leftovers(proc, {})
+        for pid in _naming(str(tmp_path)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _signal_and_watch(
+    cmd: list[str],
+    tmp_path: Path,
+    value: str,
+    started: Callable[[Path], bool],
+    sig: signal.Signals,
+    spare: set[int] | None = None,
+) -> tuple[int, float, list[str], dict[int, str], str]:
+    """Start ``cmd`` with ``DOCL_TEST_MARKER=value``, wait for ``started``, send it ``sig``.
+
+    Returns the exit status, the seconds from the signal until no process of the run is left
+    (one it had started, or one carrying the marker other than ``spare``; waiting up to 15 s
+    after a SIGKILL, not at all after another signal), the command lines of the processes it
+    had started, the processes left and the command's output.
+    """
+    marker = f"DOCL_TEST_MARKER={value}"
+    spare = spare or set()
+    log = tmp_path / "command.log"
+    env = {
+        **os.environ,
+        "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+        "PYTHONUNBUFFERED": "1",
+        "DOCL_TEST_MARKER": value,
+    }
+    seen: dict[int, int] = {}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        _wait(lambda: started(log) or proc.poll() is not None, 150, "the command to start", log)
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        for _ in range(3):  # the process tree, as complete as it gets
+            seen.update(_descendants(proc.pid))
+            time.sleep(0.5)
+        commands = [_cmdline(pid) for pid in seen]
+        begin = time.monotonic()
+        proc.send_signal(sig)
+        returncode = proc.wait(timeout=90)
+        limit_s = 15.0 if sig == signal.SIGKILL else 0.0
+        while True:
+            elapsed = time.monotonic() - begin
+            left = {pid: _cmdline(pid) for pid in processes_with(marker, 0) if pid not in spare}
+            left.update({pid: _cmdline(pid) for pid, start in seen.items() if _alive(pid, start)})
+            if not left or time.monotonic() - begin > limit_s:
+                return returncode, elapsed, commands, left, log.read_text(errors="replace")
+            time.sleep(0.1)
+    finally:
+        _kill_leftovers(proc, seen)
+        for pid in set(processes_with(marker, 0)) - spare:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("token", "marked"),
+    [("a1", True), ("b2", True), ("c3", True), ("a", False), ("a1:b2", False), ("z9", False)],
+)
+def test_only_a_run_s_own_token_marks_a_process(token: str, marked: bool) -> None:
+    # Prepare: the environment of a process of nested runs a1 > b2 > c3.
+    environ = f"PATH=/bin\0{MARKER_VAR}=a1:b2:c3\0OTHER={MARKER_VAR}=z9\0".encode()
+    # Execute / Assert
+    assert carries(environ, token) is marked
+
+
+#: A tree that stays: the root waits for a child in a session of its own; an orphan is left
+#: in the root's session. Only the root is a direct child of the command.
+LASTING_TREE = """
+sh -c 'tail -f "$1" &' sh "$1"
+setsid sh -c 'tail -f "$1" & wait' sh "$1" &
+wait
+"""
+
+
+def test_sigkill_to_the_command_stops_the_processes_of_its_run_and_only_those(
+    tmp_path: Path,
+) -> None:
+    # Prepare: bystanders with the test's marker: one of no run, one of another run.
+    (tmp_path / "marker").touch()
+    marker = str(tmp_path / "marker")
+    value = uuid.uuid4().hex
+    bystanders = [
+        subprocess.Popen(["sleep", "120"], env={**os.environ, "DOCL_TEST_MARKER": value}),
+        subprocess.Popen(
+            ["sleep", "120"],
+            env={**os.environ, "DOCL_TEST_MARKER": value, MARKER_VAR: "0123456789abcdef"},
+        ),
+    ]
+    spare = {b.pid for b in bystanders}
+
+    def started(_log: Path) -> bool:
+        return sum(cmd.startswith("tail") for cmd in _naming(marker).values()) == 2
+
+    try:
+        # Execute
+        cmd = [sys.executable, "-c", COMMAND, LASTING_TREE, str(tmp_path)]
+        returncode, elapsed, commands, left, output = _signal_and_watch(
+            cmd, tmp_path, value, started, signal.SIGKILL, spare
+        )
+        # Assert: the tree was there (and the watchdog), then nothing of it within 10 s.
+        assert returncode == -signal.SIGKILL
+        assert any(c.startswith("tail") for c in commands), commands  # one is an orphan
+        assert any("watchdog.py" in c for c in commands), commands
+        assert left == {}, left
+        assert elapsed < 10.0
+        assert "docl-flower watchdog: the command" in output and "died" in output, output
+        assert _naming(marker) == {}
+        assert all(b.poll() is None for b in bystanders)
+    finally:
+        for bystander in bystanders:
+            bystander.kill()
+            bystander.wait()
+
+
+#: A command that starts a process behind the trees' back, then leaves normally.
+MISSED = """
+import subprocess
+from docl_flower.operations.processes import exit_on_signals
+with exit_on_signals():
+    subprocess.Popen(["sleep", "120"], stdout=subprocess.DEVNULL, start_new_session=True)
+"""
+
+
+def test_the_watchdog_ends_with_the_command_and_stops_what_the_trees_missed() -> None:
+    # Prepare
+    value = uuid.uuid4().hex
+    env = {**os.environ, "DOCL_TEST_MARKER": value}
+    # Execute
+    proc = subprocess.run(
+        [sys.executable, "-c", MISSED], capture_output=True, text=True, env=env, timeout=60
+    )
+    # Assert: at once, neither the watchdog nor the untracked process is left.
+    left = processes_with(f"DOCL_TEST_MARKER={value}", settle_s=0)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert left == []
+    assert "left them running: stopped 1 processes" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sigkill_to_docl_flower_leaves_no_process_of_the_run(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    # Execute
+    cmd = [
+        CLI,
+        "num_users=3",
+        *LONG_TRAINING,
+        f"data_root={tiny_root}",
+        "dataset.verify=false",
+        "dataset.harmless.verify=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    returncode, elapsed, commands, left, _ = _signal_and_watch(
+        cmd, tmp_path, uuid.uuid4().hex, _simulation_training, signal.SIGKILL
+    )
+    # Assert: the whole tree was seen (SuperLink, SuperExec, simulation, Ray, ClientApps) ...
+    assert any("flower-superlink" in c for c in commands), commands
+    assert any("flwr-simulation" in c for c in commands), commands
+    assert any("raylet" in c for c in commands), commands
+    assert any("ClientAppActor" in c for c in commands), commands
+    # ... and nothing of it is left 10 s after the SIGKILL.
+    assert returncode == -signal.SIGKILL
+    assert left == {}, left
+    assert elapsed < 10.0
+    print(f"SIGKILL to docl-flower: no process of the run left after {elapsed:.1f} s")
+
+
+#: A local deployment (the deploy demo's LocalDeployment): a real SuperLink, which starts a
+#: SuperExec in a session of its own, and a real SuperNode; it waits until it is stopped.
+DEPLOYMENT = """
+import sys, time
+from pathlib import Path
+from docl_flower.operations.deploy import LocalDeployment
+from docl_flower.operations.processes import exit_on_signals
+with exit_on_signals(), LocalDeployment(Path(sys.argv[1]), secure=False) as dep:
+    dep.start_superlink()
+    dep.add_node(0, "user-id=0")
+    print("deployed", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL], ids=["sighup", "sigkill"])
+def test_a_local_deployment_stops_on_sighup_and_after_sigkill(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Prepare
+    def started(log: Path) -> bool:
+        return "deployed" in log.read_text(errors="replace")
+
+    # Execute
+    cmd = [sys.executable, "-c", DEPLOYMENT, str(tmp_path / "deploy")]
+    returncode, elapsed, commands, left, output = _signal_and_watch(
+        cmd, tmp_path, uuid.uuid4().hex, started, sig
+    )
+    # Assert
+    assert any("flower-superexec" in c for c in commands), commands
+    assert any("flower-supernode" in c for c in commands), commands
+    assert returncode == (128 + sig if sig != signal.SIGKILL else -sig), output[-3000:]
+    assert left == {}, left
+    assert elapsed < 10.0
+    print(f"{sig.name} to a local deployment: no process left after {elapsed:.1f} s")

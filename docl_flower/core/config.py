@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from .model import (
     check_int,
     check_number,
 )
+from .probe import DEFAULT_MAX_ALPHA, MAX_ALPHA
 from .registry import build, factory, register
 
 #: What the ``model`` group builds: DOCL's autoencoder or a baseline's classifier.
@@ -349,6 +351,8 @@ class Experiment:
     model: ModelSpec
     train: TrainRecipe
     guard: Guard
+    #: The loosest Guard alpha this filter may ever be checked with (``guard.max_alpha``).
+    max_alpha: float
     scoring: ScoringConfig
     simulation: SimulationSpec
     client_spec: ClientSpec
@@ -461,6 +465,63 @@ def _check_top_level(container: Mapping[str, object]) -> int:
     return seed
 
 
+#: Optimiser and scheduler arguments that must be > 0, and those that must be >= 0.
+_POSITIVE_ARGS = frozenset({"lr", "max_lr", "eps", "total_steps", "epochs", "steps_per_epoch"})
+_NONNEGATIVE_ARGS = frozenset(
+    {"weight_decay", "momentum", "rho", "dampening", "lr_decay", "initial_accumulator_value"}
+    | {"pct_start", "div_factor", "final_div_factor", "base_momentum", "max_momentum"}
+    | {"degrees", "translate", "scale", "shear", "alpha", "gamma", "step_size", "T_max"}
+)
+
+
+def _check_numbers(key: str, node: object) -> None:
+    """Check every number of a component config (optimiser, scheduler, augmentation).
+
+    Each must be finite; the arguments named in :data:`_POSITIVE_ARGS` and
+    :data:`_NONNEGATIVE_ARGS` must also be in range.
+    """
+    if isinstance(node, Mapping):
+        for name, value in node.items():
+            _check_numbers(f"{key}.{name}", value)
+            name = str(name)
+            ranged = name in _POSITIVE_ARGS or name in _NONNEGATIVE_ARGS
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                if ranged and not isinstance(value, list | tuple | Mapping):
+                    raise ValueError(f"{key}.{name} must be a number, got {value!r}")
+                continue
+            if name in _POSITIVE_ARGS and not value > 0:
+                raise ValueError(f"{key}.{name} must be > 0, got {value}")
+            if name in _NONNEGATIVE_ARGS and not value >= 0:
+                raise ValueError(f"{key}.{name} must be >= 0, got {value}")
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            _check_numbers(f"{key}[{i}]", value)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ValueError(f"{key} must be a finite number, got {node}")
+
+
+#: Longest image side a data set may declare.
+MAX_IMAGE_SIDE = 1 << 14
+
+
+def _check_image_shape(value: object) -> None:
+    """``dataset.image_shape``: ``[H, W]`` or ``[H, W, C]`` of positive ints (or absent)."""
+    if value is None:
+        return
+    ok = (
+        isinstance(value, list | tuple)
+        and len(value) in (2, 3)
+        and all(
+            not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= MAX_IMAGE_SIDE
+            for v in value
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"image_shape must be [H, W] or [H, W, C] of ints in 1..{MAX_IMAGE_SIDE}, got {value!r}"
+        )
+
+
 def _check_recipe(train: TrainRecipe) -> None:
     """Build what a client builds from ``train`` (optimiser, scheduler, augmentation) once.
 
@@ -522,8 +583,9 @@ def _check_combination(
         )
 
 
-def _build_guard(node: object) -> Guard:
-    names = ("name", "alpha", "sided")
+def _build_guard(node: object) -> tuple[Guard, float]:
+    """The Guard and ``max_alpha``, the loosest alpha any later check may use (see probe.py)."""
+    names = ("name", "alpha", "sided", "max_alpha")
     with _config_key("guard", names):
         data = _container(node)
         unknown = sorted(set(data) - set(names))
@@ -536,7 +598,15 @@ def _build_guard(node: object) -> Guard:
         sided = data.get("sided", "two")
         if sided not in SIDES:
             raise ValueError(f"sided must be one of {list(SIDES)}, got {sided!r}")
-        return make_guard(name, alpha, str(sided))
+        max_alpha = check_number(
+            "max_alpha", data.get("max_alpha", DEFAULT_MAX_ALPHA), above=0.0, maximum=MAX_ALPHA
+        )
+        if alpha > max_alpha:
+            raise ValueError(
+                f"alpha {alpha} is above max_alpha {max_alpha} (the loosest alpha the upload "
+                "check judged); raise guard.max_alpha"
+            )
+        return make_guard(name, alpha, str(sided)), max_alpha
 
 
 def _build_experiment(cfg: DictConfig, check_recipe: bool) -> Experiment:
@@ -546,8 +616,9 @@ def _build_experiment(cfg: DictConfig, check_recipe: bool) -> Experiment:
     dataset_cfg = {
         k: v for k, v in dataset_node.items() if k not in ("num_classes", "harmless", "image_shape")
     }
-    with _config_key("dataset", ["num_classes"]):
+    with _config_key("dataset", ["num_classes", "image_shape"]):
         num_classes = check_int("num_classes", dataset_node.get("num_classes"), minimum=1)
+        _check_image_shape(dataset_node.get("image_shape"))
     harmless_cfg = dataset_node.get("harmless")
     dataset = _as_dataset(_spec("dataset", dataset_cfg))
     harmless = None
@@ -565,11 +636,14 @@ def _build_experiment(cfg: DictConfig, check_recipe: bool) -> Experiment:
     model_cfg = dict(_container(container["model"]))
     model = _as_model(_spec("model", model_cfg))
     train = _as_train(_spec("train", train_cfg))
+    for part in ("optimizer", "scheduler", "augment"):
+        _check_numbers(f"train.{part}", train_cfg.get(part))
     if check_recipe:
         _check_recipe(train)
     workflow = _as_workflow(_spec("strategy", container["strategy"]))
     _check_combination(workflow, model, train, num_classes)
     features_cfg = dict(_container(container["features"]))
+    guard, max_alpha = _build_guard(container["guard"])
     client_spec = ClientSpec(
         seed=seed,
         dataset=dataset_cfg,
@@ -592,7 +666,8 @@ def _build_experiment(cfg: DictConfig, check_recipe: bool) -> Experiment:
         partition=partition,
         model=model,
         train=train,
-        guard=_build_guard(container["guard"]),
+        guard=guard,
+        max_alpha=max_alpha,
         scoring=_as(ScoringConfig, _spec("scoring", container["scoring"]), "scoring"),
         simulation=_as(SimulationSpec, _spec("simulation", container["simulation"]), "simulation"),
         client_spec=client_spec,

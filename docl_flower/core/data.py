@@ -34,8 +34,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageOps
 
+from .decode import read_image_isolated
 from .files import cached_digest, file_sha256, sha256_stream
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,13 @@ class ImageDataset(Protocol):
         """A hex digest that changes whenever what :meth:`load` returns (either split) changes."""
         ...
 
+    def check(self, split: Split) -> None:
+        """Raise :class:`DataError` (saying how to get it) unless ``split`` can be loaded.
+
+        Cheap next to :meth:`load`: files are located and checksummed (or listed), not decoded.
+        """
+        ...
+
 
 #: Splits kept in memory by :func:`load_cached` (a process trains one user after another).
 _LOADED: dict[tuple[str, str, str], tuple[NDArray[np.uint8], NDArray[np.int64]]] = {}
@@ -204,6 +211,26 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
+def _int_list(name: str, value: object, minimum: int = 0) -> list[int]:
+    """A list of ints ``>= minimum`` (messages name the field)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list of ints >= {minimum}, got {value!r}")
+    return [_check_int(name, v, minimum) for v in value]
+
+
+def _fraction_list(name: str, value: object) -> list[float]:
+    """A non-empty list of fractions in (0, 1]."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{name} must be a non-empty list of fractions in (0, 1], got {value!r}")
+    out = []
+    for v in value:
+        ok = not isinstance(v, bool) and isinstance(v, int | float) and 0.0 < float(v) <= 1.0
+        if not ok:
+            raise ValueError(f"{name} must hold fractions in (0, 1], got {v!r}")
+        out.append(float(v))
+    return out
+
+
 # ---------------------------------------------------------------------------- IDX (MNIST)
 
 
@@ -262,17 +289,19 @@ def _download(name: str, root: Path, filename: str, folders: Sequence[Path] = ()
         raise DataError(f"no download source for data set {name!r}")
     tmp = root / "_download"
     try:
-        cls(str(tmp), train=filename.startswith("train"), download=True)
-    except Exception as err:
-        raise DataError(
-            f"{_idx_missing_message(name, filename, folders or [root], root)}; "
-            f"the download failed ({err})"
-        ) from err
-    found = next(tmp.rglob(filename), None)
-    if found is None:
-        raise DataError(f"torchvision downloaded {name} but {filename} is not among its files")
-    shutil.move(str(found), root / filename)
-    shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            cls(str(tmp), train=filename.startswith("train"), download=True)
+        except Exception as err:
+            raise DataError(
+                f"{_idx_missing_message(name, filename, folders or [root], root)}; "
+                f"the download failed ({' '.join(str(err).split())})"
+            ) from err
+        found = next(tmp.rglob(filename), None)
+        if found is None:
+            raise DataError(f"torchvision downloaded {name} but {filename} is not among its files")
+        shutil.move(str(found), root / filename)
+    finally:  # a failed download leaves no partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -306,6 +335,11 @@ class IdxDataset:
             raise ValueError(f"name must be a data set name, got {self.name!r}")
         _check_path_text("root", self.root)
         _check_flag("verify", self.verify)
+        if self.verify and self.name not in KNOWN_SHA256:
+            raise ValueError(
+                f"name must be one of {sorted(KNOWN_SHA256)} (their checksums are known), got "
+                f"{self.name!r}; set verify: false to read another IDX data set unchecked"
+            )
         _check_flag("download", self.download)
         if isinstance(self.search, str) or not isinstance(self.search, Sequence):
             raise ValueError(f"search must be a list of folders, got {self.search!r}")
@@ -370,6 +404,11 @@ class IdxDataset:
             )
         return images, labels
 
+    def check(self, split: Split) -> None:
+        """Locate (download when allowed) and verify the archives of ``split``."""
+        for filename in IDX_FILES[_check_split(split)]:
+            self.path(filename)
+
     def fingerprint(self) -> str:
         """Content hash of both splits (no download, and no file read for verified known data).
 
@@ -428,21 +467,15 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """A PIL image with 8-bit channels: 16-/32-bit grey is scaled (top 8 of 16 bits)."""
-    if image.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I" (32-bit int)
-        wide = np.asarray(image).astype(np.int64)
-        # High byte of the 16-bit value: exact for both v*257 and v<<8 encodings of 8-bit data.
-        return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
-    if image.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(image), 0, 255).round().astype(np.uint8))
-    if image.mode in ("P", "PA"):
-        return image.convert("RGBA")
-    return image
-
-
-def read_image(path: Path, mode: str, size: tuple[int, int]) -> NDArray[np.uint8]:
+def read_image(
+    path: Path, mode: str, size: tuple[int, int], *, timeout: float | None = None
+) -> NDArray[np.uint8]:
     """Decode one image: EXIF orientation applied, converted to ``mode``, resized to ``size``.
+
+    The file is treated as hostile: it is decoded in the worker process of
+    :mod:`docl_flower.core.decode`, under its byte, pixel and time budgets, so that no file
+    can raise anything but :class:`~docl_flower.core.decode.ImageReadError`, hang or crash
+    the caller.
 
     Parameters
     ----------
@@ -452,21 +485,21 @@ def read_image(path: Path, mode: str, size: tuple[int, int]) -> NDArray[np.uint8
         ``"L"`` (grey) or ``"RGB"``.
     size : tuple of int
         ``(H, W)``; images of another size are resized (bilinear, antialiased).
+    timeout : float, optional
+        Seconds the file may take (default :data:`~docl_flower.core.decode.DECODE_TIMEOUT_S`).
 
     Returns
     -------
     numpy.ndarray
         ``(H, W)`` uint8 for ``"L"``, ``(H, W, 3)`` for ``"RGB"``.
+
+    Raises
+    ------
+    ImageReadError
+        The file is unreadable, not an image, too large, or took too long (the message,
+        one line, says which).
     """
-    Image.init()  # registers the decoders, so that OPEN lists those this PIL build has
-    formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]
-    with Image.open(path, formats=formats) as opened:
-        opened.load()
-        image = _to_8bit(ImageOps.exif_transpose(opened)).convert(mode)
-    height, width = size
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    return np.array(image, dtype=np.uint8)
+    return read_image_isolated(path, mode, size, formats=IMAGE_FORMATS, timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -592,6 +625,11 @@ class ImageFolderDataset:
             frac = DEFAULT_TEST_FRACTION if self.test_fraction is None else self.test_fraction
             wanted = round(frac * count)
         return max(0, min(wanted, count - 1))  # keep at least one training image
+
+    def check(self, split: Split) -> None:
+        """The folder exists and holds image files for ``split`` (not decoded)."""
+        if not any(files for _, files in self.split_files(split)):
+            raise DataError(f"{self._root()}: no {split} images")
 
     def split_files(self, split: Split) -> list[tuple[int, list[Path]]]:
         """``(label, files)`` per class of one split (before decoding)."""
@@ -768,6 +806,11 @@ class Cifar10Dataset:
         """``(32, 32, 3)``."""
         return (32, 32, 3)
 
+    def check(self, split: Split) -> None:
+        """The archive is present (downloaded when allowed) and passes its SHA-256 check."""
+        _check_split(split)
+        self.path()
+
     def path(self) -> Path:
         """The archive, downloaded when missing (and allowed), after its SHA-256 check."""
         root = Path(self.root).expanduser()
@@ -889,7 +932,13 @@ class Partition:
             # Every user holds a disjoint shard of every class.
             return {u: tuple(range(num_classes)) for u in range(self.num_users)}
         if self.user_classes is not None:
-            table = {u: tuple(int(c) for c in cs) for u, cs in enumerate(self.user_classes)}
+            if isinstance(self.user_classes, str) or not isinstance(self.user_classes, Sequence):
+                raise ValueError(
+                    f"user_classes must be a list of class lists or null, got {self.user_classes!r}"
+                )
+            table = {
+                u: tuple(_int_list("user_classes", cs)) for u, cs in enumerate(self.user_classes)
+            }
             if len(table) != self.num_users:
                 raise ValueError(
                     f"user_classes lists {len(table)} users but num_users is {self.num_users}"
@@ -970,7 +1019,12 @@ def adversary_partition(
     User ``k`` registers as class ``a`` (its own) with an autoencoder trained on a's and v's
     training images. Users are ordered by adversary, then victim.
     """
-    advs = list(range(num_classes)) if adversaries is None else [int(a) for a in adversaries]
+    num_classes = _check_int("num_classes", num_classes, 2)
+    advs = (
+        list(range(num_classes)) if adversaries is None else _int_list("adversaries", adversaries)
+    )
+    if any(a >= num_classes for a in advs):
+        raise ValueError(f"adversaries must be classes in 0..{num_classes - 1}, got {advs}")
     pairs = [(a, v) for a in advs for v in range(num_classes) if v != a]
     return Partition(
         num_users=len(pairs),
@@ -984,7 +1038,13 @@ def imbalance_partition(
     classes: Sequence[int] = (1, 3, 5, 7, 9), fractions: Sequence[float] = (0.01, 0.05, 0.1)
 ) -> Partition:
     """One user per (fraction, class): the user keeps only that fraction of its class's images."""
-    table = [(float(f), int(c)) for f in fractions for c in classes]
+    table = [
+        (f, c)
+        for f in _fraction_list("fractions", fractions)
+        for c in _int_list("classes", classes)
+    ]
+    if not table:
+        raise ValueError("classes must not be empty")
     return Partition(
         num_users=len(table),
         user_classes=[[c] for _, c in table],
@@ -1056,7 +1116,7 @@ def users_per_class_partition(
     """
     k = _check_int("users_per_class", users_per_class, 1)
     n = _check_int("num_classes", num_classes, 1)
-    chosen = list(range(n)) if classes is None else [int(c) for c in classes]
+    chosen = list(range(n)) if classes is None else _int_list("classes", classes)
     if not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(f"classes must be distinct and non-empty, got {chosen}")
     return Partition(

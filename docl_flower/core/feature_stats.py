@@ -36,6 +36,7 @@ from torch import nn
 from .data import derive_seed
 from .filter import ScoredFilter
 from .model import check_int, check_number
+from .probe import ProbeSet, catch_all_problem
 
 log = logging.getLogger(__name__)
 
@@ -564,25 +565,23 @@ class LikelihoodFilter(ScoredFilter):
 
 
 def probe_problem(
-    stats: ClassStats, probe: torch.Tensor, alpha: float, sided: str, max_share: float
+    stats: ClassStats, probe: ProbeSet, max_alpha: float, max_share: float
 ) -> str | None:
     """Why ``stats`` must not register (a catch-all range), or ``None`` when it passes.
 
-    The server's probe set (harmless images and noise) must have finite log-likelihoods and at
-    most ``max_share`` of it may fall in the range the Guard would block.
+    The server's probe set (harmless images and noise) must have finite log-likelihoods, and
+    at most ``max_share`` of its harmless images (and of its noise) may fall in the widest
+    range any Guard with alpha up to ``max_alpha`` can block, ``ll >= ll_mean - max_alpha *
+    ll_std`` (one-sided; see :mod:`.probe`).
     """
     flt = LikelihoodFilter([stats])
-    scores = flt.scores(probe)
+    scores = flt.scores(probe.images)
     if not bool(torch.isfinite(scores).all()):
         return "its log-likelihoods on the probe set are not finite"
-    share = float(flt.inside(scores, alpha, sided)[:, 0].to(torch.float64).mean())
-    if share > max_share:
-        bound = stats.ll_mean - alpha * stats.ll_std
-        return (
-            f"catch-all: its range ll >= {bound:.4g} holds {share:.1%} of the server's probe "
-            f"images (limit {max_share:.0%})"
-        )
-    return None
+    blocked = flt.inside(scores, max_alpha, "one")[:, 0]
+    bound = stats.ll_mean - max_alpha * stats.ll_std
+    region = f"ll >= ll_mean - {max_alpha:g} ll_std = {bound:.4g}"
+    return catch_all_problem(probe.shares(blocked), max_share, region)
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,34 @@ def _key(name: str, version: int, params: dict[str, object]) -> str:
     return f"{name}/v{version}" + json.dumps(params, sort_keys=True, separators=(",", ":"))
 
 
+#: Most dlib upsampling steps (each doubles the image side: 4 is already 16x the pixels).
+MAX_UPSAMPLE = 4
+#: Largest image side a CNN extractor resizes to, and most images per extractor batch.
+MAX_IMAGE_SIZE = 1024
+MAX_BATCH = 1 << 20
+
+
+def _check_sizes(image_size: int, batch_size: int) -> None:
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be in 32..{MAX_IMAGE_SIZE}, got {image_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch_size must be in 1..{MAX_BATCH}, got {batch_size}")
+
+
+def _check_optional_path(name: str, value: object, folder: bool) -> None:
+    """``None`` or the path of an existing folder (``folder``) or file."""
+    if value is None:
+        return
+    kind = "folder" if folder else "file"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be null or the path of a {kind}, got {value!r}")
+    path = Path(value).expanduser()
+    if not (path.is_dir() if folder else path.is_file()):
+        raise ValueError(
+            f"{name} must be null or the path of a {kind}, got {value!r} (no such {kind})"
+        )
+
+
 def _check_range(low: float, high: float) -> None:
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise ValueError(f"low must be < high (both finite), got low={low}, high={high}")
@@ -304,8 +332,8 @@ class Deskew:
     chunk: int = 8192
 
     def __post_init__(self) -> None:
-        if self.chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if not 1 <= self.chunk <= MAX_BATCH:
+            raise ValueError(f"chunk must be in 1..{MAX_BATCH}, got {self.chunk}")
 
     def __call__(self, images: ImageBatch) -> torch.Tensor:
         """Map ``(n, H, W)`` or ``(n, H, W, 3)`` images to deskewed ``(n, H*W)`` features."""
@@ -464,10 +492,11 @@ class FaceDescriptor:
 
     def __post_init__(self) -> None:
         _check_range(self.low, self.high)
-        if self.upsample < 0:
-            raise ValueError(f"upsample must be >= 0, got {self.upsample}")
+        if not 0 <= self.upsample <= MAX_UPSAMPLE:
+            raise ValueError(f"upsample must be in 0..{MAX_UPSAMPLE}, got {self.upsample}")
         if not 0.0 <= self.padding <= 1.0:
             raise ValueError(f"padding must be in [0, 1], got {self.padding}")
+        _check_optional_path("models", self.models, folder=True)
 
     def _folder(self) -> Path:
         return Path(self.models).expanduser() if self.models else face_models_folder()
@@ -687,12 +716,10 @@ class EfficientNetLite0:
 
     def __post_init__(self) -> None:
         _check_range(self.low, self.high)
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+        _check_sizes(self.image_size, self.batch_size)
         if not self.std > 0:
             raise ValueError(f"std must be > 0, got {self.std}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        _check_optional_path("weights", self.weights, folder=False)
 
     def _path(self) -> Path:
         return Path(self.weights).expanduser() if self.weights else efficientnet_lite0_weights()
@@ -861,11 +888,12 @@ class ResNetFeatures:
             raise ValueError(f"arch must be one of {sorted(RESNET_DIMS)}, got {self.arch!r}")
         if not self.weights:
             raise ValueError("weights must be 'imagenet', 'random' or a state-dict file path")
+        if self.weights not in ("imagenet", "random"):
+            _check_optional_path("weights", self.weights, folder=False)
         _check_range(self.low, self.high)
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        _check_sizes(self.image_size, self.batch_size)
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     def _weights_id(self) -> str:
         """What identifies the weights: a file's SHA-256, the download URL, or the seed."""

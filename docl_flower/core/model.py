@@ -32,8 +32,10 @@ PARAM_NAMES: tuple[str, ...] = ("encoder.weight", "encoder.bias", "decoder.weigh
 INITS: tuple[str, ...] = ("glorot", "torch")
 
 
-def check_int(name: str, value: object, minimum: int | None = None) -> int:
-    """Validate a spec field that must be an integer (not a bool), at least ``minimum``.
+def check_int(
+    name: str, value: object, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """Validate a spec field that must be an integer (not a bool) in ``[minimum, maximum]``.
 
     Parameters
     ----------
@@ -43,6 +45,8 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
         The value to check.
     minimum : int, optional
         Smallest allowed value.
+    maximum : int, optional
+        Largest allowed value.
 
     Returns
     -------
@@ -54,17 +58,24 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     ValueError
         ``"NAME must be an int ..., got VALUE"`` for a wrong type or a value out of range.
     """
-    bound = "" if minimum is None else f" >= {minimum}"
+    bound = " and".join(
+        f" {op} {limit}" for op, limit in ((">=", minimum), ("<=", maximum)) if limit is not None
+    )
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int{bound}, got {value!r}")
     number = int(value)
-    if minimum is not None and number < minimum:
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
         raise ValueError(f"{name} must be{bound}, got {number}")
     return number
 
 
 def check_number(
-    name: str, value: object, *, above: float | None = None, minimum: float | None = None
+    name: str,
+    value: object,
+    *,
+    above: float | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> float:
     """Validate a spec field that must be a finite real number (not a bool).
 
@@ -78,6 +89,8 @@ def check_number(
         Exclusive lower bound.
     minimum : float, optional
         Inclusive lower bound.
+    maximum : float, optional
+        Inclusive upper bound.
 
     Returns
     -------
@@ -90,15 +103,21 @@ def check_number(
         ``"NAME must be ..., got VALUE"`` for a wrong type, NaN, infinity or a value out of
         range.
     """
-    bound = "".join(
-        f" {op} {limit:g}" for op, limit in ((">", above), (">=", minimum)) if limit is not None
+    bound = " and".join(
+        f" {op} {limit:g}"
+        for op, limit in ((">", above), (">=", minimum), ("<=", maximum))
+        if limit is not None
     )
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number{bound}, got {number}")
-    if (above is not None and not number > above) or (minimum is not None and number < minimum):
+    if (
+        (above is not None and not number > above)
+        or (minimum is not None and number < minimum)
+        or (maximum is not None and number > maximum)
+    ):
         raise ValueError(f"{name} must be{bound}, got {value}")
     return number
 

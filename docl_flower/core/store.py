@@ -35,7 +35,10 @@ most a harmless unreferenced file that the next save removes. The first save of 
 commits an empty ``filter.json`` before writing any tensors, so a tensors file never lies in a
 folder without a ``filter.json``: a folder that holds ``*.safetensors`` files but no readable
 ``filter.json`` is refused (:class:`ValueError`), never treated as empty and overwritten. A
-missing or empty folder is a new, empty filter. One process writes a folder at a time.
+missing or empty folder is a new, empty filter. One process writes a folder at a time: a
+:class:`PersistentFilter` opened with ``lock_wait_s`` holds the folder's writer lock
+(:mod:`.lock`) from before it loads the filter until it is closed, and a second one is refused
+with one line that names the holder (or waits for it).
 
 Integrity
 ---------
@@ -97,6 +100,7 @@ from safetensors.numpy import save as dump_tensors
 
 from .files import create_file_atomic, file_stamp, fsync_dir, write_bytes_atomic
 from .filter import Registration
+from .lock import FilterLock
 from .model import PARAM_NAMES
 
 log = logging.getLogger(__name__)
@@ -476,8 +480,7 @@ def save_filter(
     stamp = file_stamp(meta_path)
     if stamp is not None and (cache is None or stamp != cache.committed):
         try:
-            if not isinstance(json.loads(meta_path.read_bytes()), dict):
-                raise ValueError("not a JSON object")
+            parse_meta(meta_path.read_bytes())
         except ValueError as err:
             raise ValueError(
                 f"{folder}: {META_FILE} is unreadable ({err}); refusing to overwrite it"
@@ -541,11 +544,102 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     except OSError as err:
         raise ValueError(f"{folder}: cannot read {META_FILE} ({err})") from err
     try:
-        meta = json.loads(raw)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        return parse_meta(raw)
+    except ValueError as err:
         raise ValueError(f"{folder}: {META_FILE} is truncated or not JSON ({err})") from err
+
+
+#: Deepest nesting of arrays and objects read from ``filter.json``. The store writes about 8
+#: levels (a run's config included); 100 keeps everything that walks the parsed file (the
+#: digest's ``json.dumps``, say) far from Python's recursion limit.
+MAX_META_DEPTH = 100
+#: Longest integer literal read (digits): Python's own limit for ``int(str)``, which
+#: ``json.dumps`` also needs to write one, so nothing the store wrote is longer.
+MAX_INT_DIGITS = 4300
+#: Fields of an entry (and of a history entry) that must be finite numbers.
+_FINITE_FIELDS = ("user_id", "label", "err_mean", "err_std", "num_examples")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; refuses a key given twice (which ``json`` would silently resolve)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {_clip(key)!r} appears twice in one object")
+            seen.add(key)
+    return obj
+
+
+def _clip(text: str, most: int = 40) -> str:
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent; refuses one that overflows (``1e999``)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {_clip(text)} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON integer; refuses one of more than :data:`MAX_INT_DIGITS` digits."""
+    if len(text) > MAX_INT_DIGITS + 1:  # + 1: a minus sign
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse nesting deeper than :data:`MAX_META_DEPTH` (an explicit stack, no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > MAX_META_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_META_DEPTH} levels")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+
+
+def parse_meta(raw: bytes) -> dict[str, Any]:
+    """Parse the bytes of a ``filter.json`` (not verified); every malformation is a ValueError.
+
+    Strict UTF-8 JSON whose top level is an object; no key twice in an object, no number
+    that overflows a float, no integer over :data:`MAX_INT_DIGITS` digits, nesting at most
+    :data:`MAX_META_DEPTH` deep, and finite numbers in the registration fields of every entry
+    and history entry (``NaN`` and ``Infinity`` are kept elsewhere, in the free metadata, as
+    ``json.dumps`` writes them).
+
+    Raises
+    ------
+    ValueError
+        Saying, in one line, what is malformed.
+    """
+    if not raw.strip():
+        raise ValueError("empty")
+    try:
+        text = raw.decode("utf-8")
+        meta = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (ValueError, OverflowError, MemoryError) as err:  # JSONDecodeError, UnicodeError
+        raise ValueError(" ".join(str(err).split()) or type(err).__name__) from err
     if not isinstance(meta, dict):
-        raise ValueError(f"{folder}: {META_FILE} is not a JSON object")
+        raise ValueError("not a JSON object")
+    _check_depth(meta)
+    for name in ("entries", "history"):
+        items = meta.get(name)
+        for i, entry in enumerate(items if isinstance(items, list) else []):
+            for key in _FINITE_FIELDS:
+                value = entry.get(key) if isinstance(entry, dict) else None
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{name}[{i}].{key} is {value}, not a finite number")
     return meta
 
 
@@ -903,14 +997,38 @@ class PersistentFilter:
     verify_key : bool
         Passed to :func:`load_filter`. Every save signs with the local key (created now when
         missing, so that a run fails early when it cannot be).
+    lock_wait_s : float, optional
+        Take the folder's writer lock (:class:`~.lock.FilterLock`) before loading, waiting up
+        to this many seconds for another writer to finish, and hold it until :meth:`close`
+        (or the end of a ``with`` block); a closed filter saves no more. None (the default):
+        no lock, for a caller that is the only writer by other means (tests, tools).
 
     Raises
     ------
+    FilterLockedError
+        If ``lock_wait_s`` is given and another process writes the folder (a ``ValueError``
+        whose one line names the holder's pid, host and start time).
     ValueError
         If the saved filter fails a check, or the folder holds tensors without a filter.
     """
 
-    def __init__(self, folder: Path, info: Mapping[str, Any], *, verify_key: bool = True) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        info: Mapping[str, Any],
+        *,
+        verify_key: bool = True,
+        lock_wait_s: float | None = None,
+    ) -> None:
+        # The lock first: a filter loaded before it could be stale by the time it is held.
+        self._lock = None if lock_wait_s is None else FilterLock(folder, lock_wait_s)
+        try:
+            self._load(folder, info, verify_key)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, folder: Path, info: Mapping[str, Any], verify_key: bool) -> None:
         self.folder = folder
         self.info = dict(info)
         self.entries: list[Entry] = []
@@ -937,6 +1055,17 @@ class PersistentFilter:
         elif _tensor_files(folder):
             raise _refuse_headless(folder, f"{META_FILE} is missing")
         ensure_filter_key()
+
+    def close(self) -> None:
+        """Release the writer lock, if this filter took one; it then saves no more."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> PersistentFilter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def users(self) -> set[int]:
@@ -971,6 +1100,8 @@ class PersistentFilter:
         self._write(self.entries, self.history)
 
     def _write(self, entries: Sequence[Entry], history: Sequence[Entry]) -> None:
+        if self._lock is not None and not self._lock.held:
+            raise ValueError(f"{self.folder}: the filter was closed (its writer lock released)")
         regs = [r for r, _ in entries]
         extra = {k: e for k, (_, e) in enumerate(entries)}
         # Hashes of the registrations this filter holds (alive in its lists, never changed).

@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
 from ..core.classifier import SgdSpec
@@ -38,11 +39,26 @@ log = logging.getLogger(__name__)
 Task = Callable[[RecordDict, ClientSpec, int, Mapping[str, object]], RecordDict]
 
 
-def resolve_user(node_config: Mapping[str, object]) -> int:
-    """The user id of this node: ``user-id`` if the operator set one, else ``partition-id``."""
-    for key in (keys.NODE_USER_ID, keys.NODE_PARTITION_ID):
-        if key in node_config:
-            return int(str(node_config[key]))
+def resolve_user(node_config: Mapping[str, object], assigned: object = None) -> int:
+    """The user this node trains for.
+
+    A node whose operator set ``user-id`` (a device: its data is that user's) trains that
+    user, and refuses a message that binds it to another. A simulated node (``partition-id``
+    only; every node can read every user's data) trains the user the server assigned it
+    (``assigned``, from :data:`keys.ASSIGNED_USER`), or its partition without one.
+    """
+    bound = None if assigned is None else int(str(assigned))
+    if keys.NODE_USER_ID in node_config:
+        own = int(str(node_config[keys.NODE_USER_ID]))
+        if bound is not None and bound != own:
+            raise ValueError(
+                f"the server bound this node to user {bound}, but its node config names user {own}"
+            )
+        return own
+    if bound is not None:
+        return bound
+    if keys.NODE_PARTITION_ID in node_config:
+        return int(str(node_config[keys.NODE_PARTITION_ID]))
     raise ValueError("node config has neither 'user-id' nor 'partition-id'")
 
 
@@ -238,8 +254,9 @@ TASKS: dict[str, Task] = {
 
 def handle_train(content: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
     """Run the task the spec names for this node's user (Flower-free logic)."""
-    spec = ClientSpec.from_json(str(content.config_records[keys.CONFIG_RECORD][keys.SPEC]))
-    user = resolve_user(node_config)
+    config = content.config_records[keys.CONFIG_RECORD]
+    spec = ClientSpec.from_json(str(config[keys.SPEC]))
+    user = resolve_user(node_config, config.get(keys.ASSIGNED_USER))
     if user not in spec.assignment:
         raise ValueError(f"user {user} is not in this experiment's assignment")
     task = TASKS.get(spec.task)
@@ -266,4 +283,12 @@ def train(msg: Message, context: Context) -> Message:
     """Train on this user's images only and reply (the ClientApp's train handler)."""
     setup_logging()
     threads_from_environment()
-    return Message(handle_train(msg.content, context.node_config), reply_to=msg)
+    try:
+        reply = handle_train(msg.content, context.node_config)
+    except Exception as err:  # the server reports it once, with every user it hit
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        log.debug("training failed", exc_info=True)
+        log.info("training failed, reported to the server: %s", reason[:200])
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+        return Message(error=error, reply_to=msg)
+    return Message(reply, reply_to=msg)

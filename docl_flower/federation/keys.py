@@ -17,6 +17,9 @@ CONFIG_RECORD = "config"
 SPEC = "spec"
 #: Users already in the saved filter: their clients reply "skipped" instead of training.
 REGISTERED_USERS = "registered-users"
+#: The user the server bound the receiving node to (a simulation's nodes are the server's
+#: own: it assigns them; a deployment's come from the operator's bindings).
+ASSIGNED_USER = "assigned-user"
 
 # Client -> server (one upload)
 ARRAYS_RECORD = "arrays"

@@ -34,6 +34,36 @@ def wait_for_nodes(
         time.sleep(poll_s)
 
 
+def is_simulation(grid: Grid) -> bool:
+    """Whether ``grid`` (or the grid it wraps) is a simulation's, whose nodes the server owns.
+
+    Flower's simulation engine gives the ServerApp an ``InMemoryGrid``; a deployment gives it
+    a gRPC grid. Where that class cannot be imported, the run is treated as a deployment.
+    """
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # pragma: no cover - a Flower without it: no simulation binding
+        return False
+    seen = 0
+    while seen < 8:  # our wrappers keep the grid they forward to as ``_grid``
+        if isinstance(grid, InMemoryGrid):
+            return True
+        inner = getattr(grid, "_grid", None)
+        if not isinstance(inner, Grid):
+            return False
+        grid, seen = inner, seen + 1
+    return False
+
+
+def assign_users(nodes: Collection[int], users: Collection[int]) -> dict[int, int]:
+    """Bind a simulation's nodes to users: the i-th smallest node id plays the i-th user.
+
+    Node ids are random per run, so no user is tied to a node across runs; what matters is
+    that the server, not the node, decides. Nodes beyond the users stay unbound.
+    """
+    return dict(zip(sorted(nodes), sorted(users), strict=False))
+
+
 def load_bindings(path: str | Path) -> dict[int, int]:
     """Read the operator's node -> user bindings: a JSON object ``{"<node id>": user id}``."""
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from . import keys
-from .nodes import wait_for_nodes
+from .nodes import assign_users, wait_for_nodes
 from .uploads import (
     UploadError,
     UploadRules,
@@ -134,7 +135,12 @@ class RegisterOnce(Strategy, Generic[R]):
         node's key). With bindings, only bound nodes get a message, the strategy waits for
         exactly those nodes, and an upload that claims any other user than its node's is
         rejected, so a node can neither register nor overwrite another user's autoencoder.
-        Without bindings (simulation) a node's user is the one its node config names.
+        Every bound node is told its user in its message (:data:`keys.ASSIGNED_USER`).
+    assign_nodes : bool
+        Without ``bindings``: bind the connected nodes to the users here (a simulation, whose
+        nodes are the server's own: :func:`~.nodes.assign_users`), and then hold every
+        upload to its node's user as with operator bindings. False (a deployment without
+        bindings, for debugging only): a node's user is the one its upload claims.
     parse : callable, optional
         Validates one reply's content: ``parse(content, assignment)`` returns the user and its
         registrations or raises :class:`UploadError`. Default: DOCL's :func:`parse_upload`
@@ -152,6 +158,7 @@ class RegisterOnce(Strategy, Generic[R]):
         bindings: Mapping[int, int] | None = None,
         vet: Callable[[R], None] | None = None,
         parse: ParseUpload[R] | None = None,
+        assign_nodes: bool = False,
     ) -> None:
         self.assignment = dict(assignment)
         self.rules = rules
@@ -166,11 +173,13 @@ class RegisterOnce(Strategy, Generic[R]):
         self.replace_existing = replace_existing
         self.on_register = on_register
         self.bindings = dict(bindings) if bindings is not None else None
+        self.assign_nodes = assign_nodes
         self.vet = vet
         self.outcome: RegistrationOutcome[R] = RegistrationOutcome()
         self._sent: dict[int, int] = {}
         self._handled: set[str] = set()
         self._rejected: dict[int, str] = {}
+        self._reported: set[str] = set()
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -185,6 +194,10 @@ class RegisterOnce(Strategy, Generic[R]):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One config-only message per connected node; ``arrays`` is never sent."""
+        if self.bindings is None and self.assign_nodes:
+            present = wait_for_nodes(grid, len(self.assignment), self.node_wait_s)
+            self.bindings = assign_users(present, self.assignment)
+            log.info("simulation: the server bound %d nodes to users", len(self.bindings))
         if self.bindings is None:
             nodes = wait_for_nodes(grid, len(self.assignment), self.node_wait_s)
         else:
@@ -201,7 +214,11 @@ class RegisterOnce(Strategy, Generic[R]):
         )
         messages = []
         for node_id in nodes:
-            content = RecordDict({keys.CONFIG_RECORD: config})
+            node_config = config
+            if self.bindings is not None and node_id in self.bindings:
+                node_config = ConfigRecord(dict(config))
+                node_config[keys.ASSIGNED_USER] = self.bindings[node_id]
+            content = RecordDict({keys.CONFIG_RECORD: node_config})
             self._sent[node_id] = record_bytes(content)
             messages.append(
                 Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
@@ -236,8 +253,15 @@ class RegisterOnce(Strategy, Generic[R]):
         out = self.outcome
         if msg.has_error():
             node = dst_node if dst_node is not None else msg.metadata.src_node_id
-            out.node_errors[node] = f"code {msg.error.code}: {msg.error.reason}"
-            log.warning("node %s failed: %s", node, out.node_errors[node])
+            reason = f"code {msg.error.code}: {msg.error.reason}"
+            out.node_errors[node] = reason
+            if reason in self._reported:  # each distinct error is logged once
+                log.debug("node %s failed: %s", node, reason)
+            else:
+                self._reported.add(reason)
+                log.warning(
+                    "node %s failed: %s (the same error on more nodes: see the end)", node, reason
+                )
             return
         node = msg.metadata.src_node_id
         if dst_node is None or node != dst_node:
@@ -328,6 +352,8 @@ class RegisterOnce(Strategy, Generic[R]):
                 out.failed[user] = "no valid reply" + (
                     f" (node errors: {detail})" if detail else ""
                 )
+        for reason, users in group_failures(out.failed).items():
+            log.warning("%d user(s) failed (%s): %s", len(users), format_users(users), reason)
         return None, MetricRecord({"registered": len(out.registered), "failed": len(out.failed)})
 
     def configure_evaluate(
@@ -341,6 +367,35 @@ class RegisterOnce(Strategy, Generic[R]):
     ) -> MetricRecord | None:
         """Nothing to aggregate."""
         return None
+
+
+def group_failures(failed: Mapping[int, str]) -> dict[str, list[int]]:
+    """Failed users grouped by their reason (each distinct reason once, users sorted).
+
+    The node a reason came from is left out (``node 123: ...``), so that the same client
+    error on many nodes is one group.
+    """
+    groups: dict[str, list[int]] = {}
+    for user, reason in sorted(failed.items()):
+        groups.setdefault(_NODE_PREFIX.sub("node N: ", reason), []).append(user)
+    return groups
+
+
+#: ``node <id>: `` inside a reason (node ids differ; the error does not).
+_NODE_PREFIX = re.compile(r"node -?\d+: ")
+
+
+def format_users(users: Sequence[int], shown: int = 12) -> str:
+    """``users 0-9`` style list: runs of consecutive ids joined, at most ``shown`` runs."""
+    runs: list[list[int]] = []
+    for u in sorted(users):
+        if runs and u == runs[-1][-1] + 1:
+            runs[-1].append(u)
+        else:
+            runs.append([u])
+    parts = [f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs[:shown]]
+    more = f", ... ({len(runs) - shown} more runs)" if len(runs) > shown else ""
+    return ("user " if len(users) == 1 else "users ") + ", ".join(parts) + more
 
 
 def _claimed_user(msg: Message) -> int | None:

@@ -7,8 +7,12 @@ resized to the data set's image size, passed through the feature extractor the f
 built with, and scored by every registered autoencoder.
 
 A file that cannot be read as an image gets one error line (on stderr) and the other images
-are still decided. Exit status: 0 when every file was decided, 1 when some file could not be
-read, 2 for bad arguments or a filter that cannot be used.
+are still decided. Every file is treated as hostile (see :mod:`docl_flower.core.decode`): a
+FIFO, device or folder with an image name is refused unopened, a file over 64 MiB or 64
+megapixels is refused, and each file is decoded in a worker process that is replaced when a
+file crashes it or takes longer than 15 s, so no file can stop the others from being decided.
+Exit status: 0 when every file was decided, 1 when some file could not be read, 2 for bad
+arguments or a filter that cannot be used.
 """
 
 from __future__ import annotations
@@ -16,13 +20,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
 from safetensors import SafetensorError
 
 from ..core.data import read_image
@@ -32,15 +34,6 @@ from ..core.registry import build
 from ..core.store import META_FILE, load_filter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-#: What reading one damaged or unreadable image may raise (Pillow raises several kinds).
-IMAGE_ERRORS = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    zlib.error,
-    Image.DecompressionBombError,
-)
 PROG = "docl-flower filter check"
 
 EXIT_OK = 0
@@ -56,24 +49,36 @@ def collect(paths: Sequence[Path]) -> list[Path]:
     """Image files named directly or found (non-recursively) in named folders, sorted.
 
     A named path that does not exist, and a folder entry with an image suffix that is not a
-    regular file (a dangling link, say), are kept: reading them fails, for that file alone.
+    regular file (a dangling link, a FIFO, a folder), are kept: reading them fails, for that
+    file alone. Raises OSError for a named folder that cannot be listed.
     """
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files += sorted(
-                f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir()
-            )
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             files.append(p)
     return files
+
+
+def shown(path: Path) -> str:
+    """``path`` as printed, on one line and printable in any locale.
+
+    A name with control characters (a newline, say) or bytes that are no valid text gets
+    them escaped; other names are printed as they are.
+    """
+    text = str(path)
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 def load_image(path: Path, shape: Sequence[int]) -> NDArray[np.uint8]:
     """One image as the filter's data set holds them: ``(H, W)`` grey or ``(H, W, 3)`` RGB.
 
     EXIF orientation applied, 16-bit and palette images converted exactly as the data set
-    loader does; raises one of :data:`IMAGE_ERRORS` if unreadable.
+    loader does, in the decoding worker; raises
+    :class:`~docl_flower.core.decode.ImageReadError` if unreadable.
     """
     mode = "RGB" if len(shape) == 3 else "L"
     return read_image(path, mode, (int(shape[0]), int(shape[1])))
@@ -189,8 +194,16 @@ def _load(
         if alpha is None:
             alpha = float(guard_cfg.get("alpha", 1.5))
         guard = GUARDS[guard_name](alpha, str(guard_cfg.get("sided", "two")))
+        # The loosest alpha whose blocking region the upload check judged (a filter saved
+        # before max_alpha existed was judged at its own alpha only).
+        limit = float(guard_cfg.get("max_alpha") or guard_cfg.get("alpha") or 1.5)
     except (TypeError, ValueError) as err:
         raise FilterError(f"{folder}: the filter's guard {_one_line(err)}") from err
+    if not alpha <= limit:
+        raise FilterError(
+            f"{folder}: alpha {alpha:g} is looser than this filter allows (max_alpha "
+            f"{limit:g}: its uploads were checked for what a Guard up to that alpha can block)"
+        )
     dataset = config.get("dataset")
     raw = dataset.get("image_shape") if isinstance(dataset, dict) else None
     shape: list[int] | None = None
@@ -212,7 +225,12 @@ def main(argv: Sequence[str]) -> int:
     except (FilterError, ValueError) as err:
         print(f"{PROG}: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
-    files = collect(args.paths)
+    try:
+        files = collect(args.paths)
+    except OSError as err:  # a named folder that cannot be listed
+        where = shown(Path(err.filename)) if err.filename else "a folder"
+        print(f"{PROG}: {where}: cannot list ({err.strerror or _one_line(err)})", file=sys.stderr)
+        return EXIT_USAGE
     if not files:
         print(f"{PROG}: no image files found", file=sys.stderr)
         return EXIT_USAGE
@@ -231,9 +249,9 @@ def main(argv: Sequence[str]) -> int:
         try:
             images.append(load_image(f, shape))
             decided.append(f)
-        except IMAGE_ERRORS as err:
+        except Exception as err:  # whatever one file makes the decoder do is that file's error
             failed += 1
-            print(f"{PROG}: {f}: cannot read image ({_one_line(err)})", file=sys.stderr)
+            print(f"{PROG}: {shown(f)}: cannot read image ({_one_line(err)})", file=sys.stderr)
     rows: list[str] = []
     if decided:
         try:
@@ -248,7 +266,7 @@ def main(argv: Sequence[str]) -> int:
             hi = reg.err_mean + alpha * reg.err_std
             lo = reg.err_mean - alpha * reg.err_std if guard.sided == "two" else float("-inf")
             rows.append(
-                f"{f}\t{reg.user_id}\t{reg.label}\t{d:.3f}\t[{lo:.3f}, {hi:.3f}]\t"
+                f"{shown(f)}\t{reg.user_id}\t{reg.label}\t{d:.3f}\t[{lo:.3f}, {hi:.3f}]\t"
                 f"{'block' if b else 'share'}"
             )
     print(

@@ -7,16 +7,26 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.config import PROJECT_ROOT, SimulationSpec, build_experiment, check_train_recipe
+from ..core.config import (
+    PROJECT_ROOT,
+    Experiment,
+    SimulationSpec,
+    build_experiment,
+    check_train_recipe,
+)
 from ..core.files import file_stamp
+from ..core.preflight import check_data, check_memory
 from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
 from ..federation import keys, workflows  # noqa: F401  (registers the workflows)
+from ..federation.strategy import format_users, group_failures
+from ..federation.workflows.docl import Docl
 from .processes import exit_on_signals
 from .simulation import FlowerRunError, run_app
 
@@ -53,8 +63,9 @@ def format_table(results: RunResult) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     per_class = r.per_class_accuracy
     lines.append("per-class accuracy: " + "  ".join(f"{k}:{v:.3f}" for k, v in per_class.items()))
-    for user, reason in r.failed.items():
-        lines.append(f"failed user {user}: {reason}")
+    failed = {int(u): reason for u, reason in r.failed.items()}
+    for reason, users in group_failures(failed).items():
+        lines.append(f"failed {format_users(users)}: {reason}")
     return "\n".join(lines)
 
 
@@ -95,6 +106,12 @@ def send_window(simulation: SimulationSpec, cpus: int | None = None) -> int:
     return MESSAGES_PER_CLIENT_SLOT * slots
 
 
+def clients_at_once(exp: Experiment, cpus: int | None = None) -> int:
+    """How many clients this machine trains at once (Ray's slots, at most one per user)."""
+    slots = max(1, int((cpus or os.cpu_count() or 1) // exp.simulation.num_cpus))
+    return min(slots, len(exp.assignment))
+
+
 class ResultsOfRun:
     """``done`` check for :func:`~.simulation.run_app`: ``path`` holds this run's results.
 
@@ -130,30 +147,38 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
     # SuperLink and the Ray head boot, and a bad recipe stops them before any run starts.
     exp = build_experiment(cfg, check_recipe=False)
     check_resources(exp.simulation.num_gpus)
+    check_data(exp)
+    check_memory(exp, clients_at_once(exp))
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "experiment.yaml"
     OmegaConf.save(cfg, config_path, resolve=True)
     checked = hashlib.sha256(config_path.read_bytes()).hexdigest()
-    run_app(
-        app_dir=PROJECT_ROOT,
-        flwr_home=PROJECT_ROOT / ".flwr",
-        run_config={
-            keys.RUN_CONFIG_PATH: str(config_path),
-            keys.RUN_CONFIG_CHECKED: checked,
-            keys.RUN_OUT_DIR: str(out_dir),
-            keys.RUN_SEND_WINDOW: send_window(exp.simulation),
-        },
-        federation_config={
-            "num-supernodes": len(exp.assignment),
-            "client-resources-num-cpus": exp.simulation.num_cpus,
-            "client-resources-num-gpus": exp.simulation.num_gpus,
-        },
-        timeout_s=float(cfg.run_timeout_s),
-        ray_address=exp.simulation.ray_address,
-        preflight=lambda: check_train_recipe(exp),
-        done=ResultsOfRun(out_dir / RESULTS_FILE),
-        last_line=lambda line: keys.RESULTS_LOGGED in line,
-    )
+    # One writer per filter (core/lock.py): a second run on this run's filter folder stops
+    # here in one line, before any Flower or Ray process starts, or waits for the first
+    # (strategy.lock_wait_s). The lock is held until run_app has stopped them all; the
+    # ServerApp takes the folder's writer lock itself (this process cannot hold it for it).
+    workflow = exp.workflow
+    with workflow.run_lock(out_dir) if isinstance(workflow, Docl) else nullcontext():
+        run_app(
+            app_dir=PROJECT_ROOT,
+            flwr_home=PROJECT_ROOT / ".flwr",
+            run_config={
+                keys.RUN_CONFIG_PATH: str(config_path),
+                keys.RUN_CONFIG_CHECKED: checked,
+                keys.RUN_OUT_DIR: str(out_dir),
+                keys.RUN_SEND_WINDOW: send_window(exp.simulation),
+            },
+            federation_config={
+                "num-supernodes": len(exp.assignment),
+                "client-resources-num-cpus": exp.simulation.num_cpus,
+                "client-resources-num-gpus": exp.simulation.num_gpus,
+            },
+            timeout_s=float(cfg.run_timeout_s),
+            ray_address=exp.simulation.ray_address,
+            preflight=lambda: check_train_recipe(exp),
+            done=ResultsOfRun(out_dir / RESULTS_FILE),
+            last_line=lambda line: keys.RESULTS_LOGGED in line,
+        )
     results_path = out_dir / RESULTS_FILE
     if not results_path.is_file():
         raise FlowerRunError(f"the run completed but wrote no {results_path}")

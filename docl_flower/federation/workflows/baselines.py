@@ -17,12 +17,13 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from ...core.classifier import ClassifierSpec, SgdSpec, accuracy_report, predict, train_classifier
 from ...core.config import Experiment
 from ...core.inputs import split_features
-from ...core.model import AutoencoderSpec
+from ...core.model import AutoencoderSpec, check_int
 from ...core.registry import build, register
 from ...core.results import RunResult
 from .. import keys
 from ..grids import CountingGrid
 from . import held_test_set
+from .settings import MAX_EPOCHS, MAX_ROUNDS, check_flower_strategy, check_timeout
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class FederatedClassifier:
     strategy: Mapping[str, Any] = field(default_factory=dict)
     num_rounds: int = 20
     timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        check_int("num_rounds", self.num_rounds, minimum=1, maximum=MAX_ROUNDS)
+        check_timeout("timeout_s", self.timeout_s)
+        check_flower_strategy(self.strategy)
 
     def run(self, grid: Grid, exp: Experiment, out_dir: Path) -> RunResult:
         """Run the rounds with server-side evaluation after each one."""
@@ -122,6 +128,9 @@ class Centralised:
 
     CLIENT_TASK: ClassVar[str] = "idle"
     epochs: int = 10
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, minimum=1, maximum=MAX_EPOCHS)
 
     def run(self, grid: Grid, exp: Experiment, out_dir: Path) -> RunResult:
         """Train on the union of the users' partitions on the server; no client is contacted."""

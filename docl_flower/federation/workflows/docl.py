@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -17,16 +18,23 @@ from ...core.config import Experiment
 from ...core.data import owner_shards
 from ...core.filter import GlobalFilter, Registration
 from ...core.inputs import server_sets
+from ...core.lock import FilterLockedError, check_wait, run_lock
 from ...core.metrics import ALPHA_GRID, evaluate
 from ...core.model import AutoencoderSpec
-from ...core.probe import ProbeCheck, probe_set
+from ...core.probe import (
+    DEFAULT_MAX_BLOCK_SHARE,
+    DEFAULT_PROBE_IMAGES,
+    ProbeCheck,
+    probe_set,
+)
 from ...core.results import RunResult
 from ...core.store import PersistentFilter
 from .. import keys
 from ..grids import StreamingGrid
-from ..nodes import load_bindings
+from ..nodes import is_simulation, load_bindings
 from ..strategy import RegisterOnce
 from ..uploads import UploadError, UploadRules
+from .settings import check_path, check_registration_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +49,43 @@ class Docl:
     filter_path: str | None = None
     replace_existing: bool = False
     bindings_path: str | None = None
-    probe_images: int = 256
+    probe_images: int = DEFAULT_PROBE_IMAGES
     probe_noise: int = 64
-    max_block_share: float = 0.2
+    max_block_share: float = DEFAULT_MAX_BLOCK_SHARE
+    #: How long a run waits for another run that writes the same filter (seconds; 0: it fails
+    #: at once, in one line that names the other run). See :mod:`~docl_flower.core.lock`.
+    lock_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_registration_settings(self)
+        check_path("filter_path", self.filter_path)
+        check_wait(self.lock_wait_s)
+
+    def filter_folder(self, out_dir: Path) -> Path:
+        """Where the run's filter lives: ``filter_path``, else ``OUT/filter``."""
+        return Path(self.filter_path) if self.filter_path else out_dir / "filter"
+
+    def open_filter(self, out_dir: Path, config: Mapping[str, Any]) -> PersistentFilter:
+        """The run's filter, loaded under its writer lock, held until it is closed.
+
+        Waits up to ``lock_wait_s`` for another writer of the folder; then raises
+        :class:`~docl_flower.core.lock.FilterLockedError` (one line naming the holder).
+        """
+        try:
+            return PersistentFilter(
+                self.filter_folder(out_dir), {"config": config}, lock_wait_s=self.lock_wait_s
+            )
+        except FilterLockedError as err:
+            log.error("docl-flower: %s", err)
+            raise
+
+    def run_lock(self, out_dir: Path) -> AbstractContextManager[None]:
+        """Held by the command that starts this run (``docl-flower``) until the run ends.
+
+        The filter folder's run lock (:func:`~docl_flower.core.lock.run_lock`): a second
+        command on the same folder fails before it starts Flower (or waits ``lock_wait_s``).
+        """
+        return run_lock(self.filter_folder(out_dir), self.lock_wait_s)
 
     def run(self, grid: Grid, exp: Experiment, out_dir: Path) -> RunResult:
         """Register the users not in the saved filter yet, persist each registration, evaluate.
@@ -51,22 +93,26 @@ class Docl:
         The filter lives in ``filter_path`` (default: ``OUT/filter``). Users already in it skip
         training; with ``replace_existing`` they retrain, and their previous version moves to
         the file's history. With ``bindings_path`` (the operator's node -> user JSON), a node
-        may only register the user it is bound to.
+        may only register the user it is bound to. The run holds the filter's writer lock from
+        before it loads the filter to its end: a second run on the folder is refused.
         """
+        began = time.time()
+        with self.open_filter(out_dir, exp.config) as store:
+            return self._run(grid, exp, store, began)
+
+    def _run(self, grid: Grid, exp: Experiment, store: PersistentFilter, began: float) -> RunResult:
         if not isinstance(exp.model, AutoencoderSpec):
             raise ValueError(f"DOCL trains autoencoders; model is a {type(exp.model).__name__}")
-        began = time.time()
         bindings = load_bindings(self.bindings_path) if self.bindings_path else None
         sets = server_sets(exp)
         x_test, y_test, harmless = sets.x_test, sets.y_test, sets.harmless
         dim = int(x_test.shape[1])
         rules = UploadRules(shapes=exp.model.shapes(dim), max_error=float(dim))
-        filter_dir = Path(self.filter_path) if self.filter_path else out_dir / "filter"
-        store = PersistentFilter(filter_dir, {"config": exp.config})
+        filter_dir = store.folder
         spec = exp.client_spec
         probe = ProbeCheck(
             probe_set(harmless, dim, self.probe_images, self.probe_noise, exp.seed),
-            alpha=exp.guard.alpha,
+            max_alpha=exp.max_alpha,
             scoring=exp.scoring,
             max_block_share=self.max_block_share,
         )
@@ -97,6 +143,7 @@ class Docl:
             replace_existing=self.replace_existing,
             on_register=persist,
             bindings=bindings,
+            assign_nodes=bindings is None and is_simulation(grid),
             vet=vet,
         )
         config = ConfigRecord({keys.SPEC: spec.to_json()})

@@ -32,14 +32,15 @@ from ...core.feature_stats import (
 )
 from ...core.inputs import server_sets
 from ...core.metrics import ALPHA_GRID, evaluate
-from ...core.probe import probe_set
+from ...core.probe import DEFAULT_MAX_BLOCK_SHARE, DEFAULT_PROBE_IMAGES, probe_set
 from ...core.results import RunResult
 from .. import keys
 from ..grids import StreamingGrid
-from ..nodes import load_bindings
+from ..nodes import is_simulation, load_bindings
 from ..stats_uploads import StatsRules, parse_stats_upload
 from ..strategy import RegisterOnce
 from ..uploads import UploadError
+from .settings import check_registration_settings
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +76,21 @@ class FeatureStats:
     node_wait_s: float = 120.0
     timeout_s: float = 3600.0
     bindings_path: str | None = None
-    probe_images: int = 256
+    probe_images: int = DEFAULT_PROBE_IMAGES
     probe_noise: int = 64
-    max_block_share: float = 0.2
+    max_block_share: float = DEFAULT_MAX_BLOCK_SHARE
 
     def __post_init__(self) -> None:
         self.stats_spec()
-        self.classifier_spec()
-        if not 0.0 <= self.max_block_share <= 1.0:
-            raise ValueError(f"max_block_share must be in [0, 1], got {self.max_block_share}")
+        try:
+            self.classifier_spec()
+        except ValueError as err:  # name the setting, not the classifier spec's field
+            text = str(err)
+            for field_name in ("hidden", "epochs", "lr"):
+                if text.startswith(field_name + " "):
+                    text = f"classifier_{text}"
+            raise ValueError(text) from err
+        check_registration_settings(self)
 
     def stats_spec(self) -> StatsSpec:
         """What each client fits."""
@@ -120,7 +127,7 @@ class FeatureStats:
         guard = exp.guard
 
         def vet(stats: ClassStats) -> None:
-            problem = probe_problem(stats, probe, guard.alpha, guard.sided, self.max_block_share)
+            problem = probe_problem(stats, probe, exp.max_alpha, self.max_block_share)
             if problem is not None:
                 raise UploadError(f"class {stats.label}: {problem}")
 
@@ -129,6 +136,7 @@ class FeatureStats:
             None,
             node_wait_s=self.node_wait_s,
             bindings=bindings,
+            assign_nodes=bindings is None and is_simulation(grid),
             vet=vet,
             parse=functools.partial(parse_stats_upload, rules=rules),
         )
