@@ -13,8 +13,9 @@ start each `flower-supernode` with its private key and
 `--node-config "user-id=U partition-id=U data-dir=..."`; write the resolved experiment (with
 `strategy.bindings_path`, so a node may only register its own user) and run it with `flwr run`
 against the named connection; print the results table.
-Every process it started is stopped when it ends, also on failure and on SIGINT/SIGTERM (exit
-status 130/143). `--insecure` (no TLS, no authentication) exists only for debugging.
+Every process it started is stopped when it ends, also on failure and on SIGINT/SIGTERM/SIGHUP
+(exit status 130/143/129); if the demo itself is killed (SIGKILL), its watchdog stops them
+within seconds. `--insecure` (no TLS, no authentication) exists only for debugging.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from docl_flower.operations.processes import exit_on_signals
 
 
 def main() -> None:
-    """Parse the command line and run the demo; SIGINT/SIGTERM stop every process."""
+    """Parse the command line and run the demo; SIGINT/SIGTERM/SIGHUP stop every process."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -107,8 +107,9 @@ def _saved(tmp_path: Path, overrides: list[str]) -> tuple[Path, str]:
 def test_a_config_checked_by_docl_flower_is_not_checked_again_while_unchanged(
     tmp_path, monkeypatch
 ):
-    # Prepare: a saved config whose recipe is bad, and a spy on the recipe check.
-    path, digest = _saved(tmp_path, ["train.optimizer.lr=-1"])
+    # Prepare: a saved config whose recipe only a build finds bad (an argument Adam does not
+    # take), and a spy on the recipe check.
+    path, digest = _saved(tmp_path, ["+train.optimizer.bogus=1"])
     calls = []
     real = config_module._check_recipe
     monkeypatch.setattr(config_module, "_check_recipe", lambda t: (calls.append(t), real(t)))
@@ -131,7 +132,7 @@ def test_a_bad_recipe_stops_the_superlink_and_ray_head_before_any_run(tmp_path, 
     marker = f"{name}={value}"
     monkeypatch.setenv(name, value)
     # Execute
-    proc = run_cli("train.optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    proc = run_cli("+train.optimizer.bogus=1", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     # Assert: one line naming the key, no run, nothing left running.
     output = (proc.stdout + proc.stderr).strip()
     assert proc.returncode != 0

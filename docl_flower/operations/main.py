@@ -207,8 +207,9 @@ def hydra_main(cfg: DictConfig) -> float:
 def cli() -> None:
     """Console script ``docl-flower``: Hydra overrides, or ``filter check`` (a saved filter).
 
-    SIGINT and SIGTERM stop every process the command started (SuperLink, ``flwr run``, the
-    simulation, Ray) and exit with status 128 + the signal's number (130, 143).
+    SIGINT, SIGTERM and SIGHUP stop every process the command started (SuperLink, ``flwr
+    run``, the simulation, Ray) and exit with status 128 + the signal's number (130, 143, 129);
+    if the command is killed (SIGKILL), its watchdog stops them.
     """
     with exit_on_signals():
         if sys.argv[1:3] == ["filter", "check"]:

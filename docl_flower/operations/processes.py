@@ -12,15 +12,25 @@ process whose parent died (reparented to init) is still known. :func:`stop_trees
 every recorded process that is still alive, the descendants found at stop time and the
 members of the sessions and groups they lead, waits a grace period, then SIGKILLs the rest.
 
-:func:`exit_on_signals` turns SIGINT and SIGTERM into :class:`SignalExit` (exit code
-128 + signal number) so that ``finally`` blocks and context managers run; critical sections
-(:func:`deferred_signals`, used while starting and stopping processes) postpone the exception
-until they end, and a second signal during the clean-up only hurries it (SIGKILL at once).
+:func:`exit_on_signals` turns SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH
+connection) into :class:`SignalExit` (exit code 128 + signal number) so that ``finally``
+blocks and context managers run; critical sections (:func:`deferred_signals`, used while
+starting and stopping processes) postpone the exception until they end, and a second signal
+during the clean-up only hurries it (SIGKILL at once).
+
+A command that is killed (SIGKILL, the OOM killer) runs no clean-up, so two more mechanisms
+stop its processes then. :func:`exit_on_signals` first starts a :class:`~.watchdog.Watchdog`,
+a separate process that outlives the command and stops every process carrying this run's
+environment marker once the command is gone (Ray's daemons and Flower's SuperExec included,
+whatever session they moved to). And on Linux every process started here gets a parent-death
+signal (``prctl(PR_SET_PDEATHSIG, SIGTERM)``, :func:`parent_death_signal`): the kernel
+tells it at once when the command's main thread ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -38,6 +48,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from .watchdog import Watchdog
+
 log = logging.getLogger(__name__)
 
 
@@ -46,12 +58,17 @@ class FlowerRunError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ signals
-#: Signals that :func:`exit_on_signals` turns into a clean exit.
-EXIT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+#: Signals that :func:`exit_on_signals` turns into a clean exit (SIGHUP where it exists: a
+#: closed terminal or SSH connection).
+EXIT_SIGNALS: tuple[signal.Signals, ...] = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    *(getattr(signal, name) for name in ("SIGHUP",) if hasattr(signal, name)),
+)
 
 
 class SignalExit(SystemExit):
-    """Raised in the main thread when SIGINT/SIGTERM arrives; exit status ``128 + signum``.
+    """Raised in the main thread when an exit signal arrives; exit status ``128 + signum``.
 
     Parameters
     ----------
@@ -120,7 +137,7 @@ def deferred_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exit_on_signals(signals: Iterable[int] = EXIT_SIGNALS) -> Iterator[None]:
+def exit_on_signals(signals: Iterable[int] = EXIT_SIGNALS, watchdog: bool = True) -> Iterator[None]:
     """Turn ``signals`` into :class:`SignalExit`; on the way out stop every tracked process.
 
     For a command's entry point (main thread only; elsewhere it only stops the processes).
@@ -132,16 +149,28 @@ def exit_on_signals(signals: Iterable[int] = EXIT_SIGNALS) -> Iterator[None]:
     sent while the interpreter shuts down, kill the process by the signal (status -15 instead
     of the promised 143), and the interpreter itself resets Python handlers to the default
     early in its finalisation, while it keeps ``SIG_IGN``.
+
+    With ``watchdog`` (main thread only), a :class:`~.watchdog.Watchdog` is started first:
+    if this process is killed, the watchdog stops every process started inside the block
+    (they carry its marker). On the way out it is told that the command leaves, sweeps once
+    more (stopping whatever the process trees missed) and exits.
     """
     previous: dict[int, Any] = {}
+    guard: Watchdog | None = None
     if _in_main_thread():
+        if watchdog:
+            guard = Watchdog.start()
         previous = {sig: signal.signal(sig, _on_signal) for sig in signals}
     try:
         yield
     finally:
         try:
             with deferred_signals():
-                stop_all()
+                try:
+                    stop_all()
+                finally:
+                    if guard is not None:
+                        guard.close()
         finally:
             exiting = _SIGNALS.exiting
             for sig, handler in previous.items():
@@ -430,12 +459,67 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+#: ``PR_SET_PDEATHSIG`` of ``<linux/prctl.h>``.
+PR_SET_PDEATHSIG = 1
+#: The signal a started process gets when this command's main thread ends.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+
+
+def _load_prctl() -> Any:
+    """The C library's ``prctl`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _load_prctl()
+_PDEATHSIG_WARNED = threading.Event()
+
+
+def parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGTERM the child when this command ends.
+
+    ``prctl(PR_SET_PDEATHSIG)`` (Linux; loaded through ctypes, checked at run time). Its
+    caveats: it only reaches the direct child (not what that child spawns, which the
+    :class:`~.watchdog.Watchdog` stops), and it fires when the *thread* that started the
+    child ends, not the process: so it is only set for children started from the main
+    thread, which ends with the process. A child whose parent died before the call kills
+    itself at once. Returns None (a warning, once) where unsupported, or off the main thread.
+    """
+    if not _in_main_thread():
+        return None
+    if _PRCTL is None:
+        if not _PDEATHSIG_WARNED.is_set():
+            _PDEATHSIG_WARNED.set()
+            log.warning(
+                "no prctl(PR_SET_PDEATHSIG) here: started processes are not told "
+                "when this command dies (the watchdog still stops them)"
+            )
+        return None
+    prctl, parent = _PRCTL, os.getpid()
+
+    def set_death_signal() -> None:  # runs in the child, between fork and exec
+        prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
+        if os.getppid() != parent:  # the command died before the call: too late to be told
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return set_death_signal
+
+
 def start_process(
     cmd: list[str], log_path: Path, env: Mapping[str, str]
 ) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in a new session, appending its output to ``log_path``; track it.
 
     Stop it with :func:`stop_tree` (or :func:`stop_all`), which stops what it spawned too.
+    It inherits no file descriptor but its standard streams (the watchdog's pipe stays with
+    this command) and gets a :func:`parent_death_signal`.
     """
     with deferred_signals(), log_path.open("ab") as handle:
         proc = subprocess.Popen(
@@ -444,6 +528,8 @@ def start_process(
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            close_fds=True,
+            preexec_fn=parent_death_signal(),
         )
         track(proc)
         return proc
@@ -565,6 +651,8 @@ def stream_flwr_run(
             text=True,
             errors="replace",
             start_new_session=True,
+            close_fds=True,
+            preexec_fn=parent_death_signal(),
         )
         track(proc)
     timed_out = threading.Event()

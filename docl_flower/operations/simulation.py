@@ -5,8 +5,9 @@ always stops the SuperLink it started and every process below it (SuperExec, the
 process, Ray's daemons and workers). The run is over when the app says its work is done (a
 ``done`` check: ``docl-flower``'s is ``results.json`` holding this run's id), or else when
 ``flwr run`` ends, and then the run's final status decides. Signals: the entry point runs
-inside :func:`~.processes.exit_on_signals`, which turns SIGINT/SIGTERM into an exception so
-that the ``finally`` blocks here run.
+inside :func:`~.processes.exit_on_signals`, which turns SIGINT/SIGTERM/SIGHUP into an
+exception so that the ``finally`` blocks here run (and whose watchdog stops these processes
+if the command is killed).
 
 Start-up is what a short simulation pays on top of its training, so the slow parts run side
 by side: unless the run joins a Ray cluster, a Ray head of the run's own starts together with
