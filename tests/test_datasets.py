@@ -14,6 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from docl_flower.core.components import build
 from docl_flower.core.data import (
     CIFAR10_SHA256,
     DATASETS,
@@ -28,7 +29,6 @@ from docl_flower.core.data import (
     natural_key,
     random_classes_partition,
 )
-from docl_flower.core.registry import build
 
 from .conftest import PROJECT_ROOT
 

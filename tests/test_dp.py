@@ -17,12 +17,12 @@ from docl_flower.core.calibration import train_and_calibrate
 from docl_flower.core.config import ClientSpec, build_experiment
 from docl_flower.core.dp import (
     ACCOUNTANT,
-    DpSpec,
     ImageBce,
     PrivacySpent,
     per_user,
     release_stats,
 )
+from docl_flower.core.dp_spec import DpSpec
 from docl_flower.core.model import Autoencoder, AutoencoderSpec, TrainSpec, train_autoencoder
 from docl_flower.core.results import RunResult
 from docl_flower.federation import keys, workflows  # noqa: F401  (registers the strategies)

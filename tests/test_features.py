@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from docl_flower.core import files
+from docl_flower.core.components import build
 from docl_flower.core.feature_cache import FeatureCache, array_fingerprint, default_folder
 from docl_flower.core.features import (
     EXTRACTORS,
@@ -32,7 +33,6 @@ from docl_flower.core.features import (
     describe,
 )
 from docl_flower.core.files import file_sha256
-from docl_flower.core.registry import build
 
 from .conftest import PROJECT_ROOT
 

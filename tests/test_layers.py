@@ -95,3 +95,74 @@ def test_importing_the_core_does_not_load_flower():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (function-level imports included)."""
+    paths = {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        targets = set()
+        for name in imports_of(path, root):
+            # ``from .x import y`` names ``pkg.x`` and ``pkg.x.y``: keep what is a module.
+            if name in paths and name != module:
+                targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                group.append(top)
+                if top == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    # Function-level imports count: a cycle hidden inside a function is still a cycle.
+    # A package's __init__ is left out as a target when its own submodule imports it (Python
+    # imports the package first anyway; that edge is not a design choice).
+    graph = import_graph()
+    for module, targets in graph.items():
+        graph[module] = {t for t in targets if not module.startswith(t + ".")}
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle_hidden_in_a_function(tmp_path):
+    fake = tmp_path / "docl_flower" / "core"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "a.py").write_text("from . import b\n")
+    (fake / "b.py").write_text("def f():\n    from .a import x\n    return x\n")
+    (fake / "c.py").write_text("from .a import b\n")
+    assert import_cycles(import_graph(tmp_path / "docl_flower")) == [
+        ["docl_flower.core.a", "docl_flower.core.b"]
+    ]

@@ -8,9 +8,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from docl_flower.core import registry
+from docl_flower.core import components
 from docl_flower.core.config import ClientSpec
 from docl_flower.core.model import AutoencoderSpec, TrainSpec, train_autoencoder
+from docl_flower.core.registry import UnknownComponentError
 from docl_flower.federation import keys
 from docl_flower.federation.client_tasks import TASKS, handle_train
 
@@ -32,19 +33,19 @@ def hostile_nodes(tmp_path):
 def test_unregistered_names_are_refused_in_every_group(tmp_path, group):
     target, nodes = hostile_nodes(tmp_path)
     for node in nodes:
-        with pytest.raises(registry.UnknownComponentError, match="not a registered component"):
-            registry.build(group, node)
-        with pytest.raises(registry.UnknownComponentError):
-            registry.build(group, {**node, "_partial_": True})
+        with pytest.raises(UnknownComponentError, match="not a registered component"):
+            components.build(group, node)
+        with pytest.raises(UnknownComponentError):
+            components.build(group, {**node, "_partial_": True})
     assert not target.exists()
 
 
 def test_registered_names_still_build():
     assert isinstance(
-        registry.build("model", {"_target_": "docl_flower.core.model.AutoencoderSpec"}),
+        components.build("model", {"_target_": "docl_flower.core.model.AutoencoderSpec"}),
         AutoencoderSpec,
     )
-    make = registry.build(
+    make = components.build(
         "optimizer", {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
     )
     assert callable(make)

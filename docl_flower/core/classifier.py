@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import check_int, check_number
+from .checks import check_int, check_number
 
 
 @dataclass(frozen=True)

@@ -25,22 +25,18 @@ from numpy.typing import NDArray
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .checks import check_int, check_number
 from .classifier import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
+from .components import build, factory
 from .data import ImageDataset, Partition, as_image_dataset, class_indices, user_class_indices
 from .feature_stats import StatsSpec
 from .features import FeatureExtractor
 from .filter import GUARDS, SIDES, Guard, ScoringConfig, make_guard
 from .install import PACKAGE_ROOT, project_root
-from .model import (
-    AutoencoderSpec,
-    RandomAffine,
-    TrainSpec,
-    _build_scheduler,
-    check_int,
-    check_number,
-)
+from .model import AutoencoderSpec, TrainSpec
 from .probe import DEFAULT_MAX_ALPHA, MAX_ALPHA
-from .registry import build, factory, register
+from .recipes import build_augment, build_optimizer, build_scheduler
+from .resources import SimulationSpec
 
 #: What the ``model`` group builds: DOCL's autoencoder or a baseline's classifier.
 ModelSpec = AutoencoderSpec | ClassifierSpec
@@ -70,44 +66,6 @@ class ClientOptionsSpec(Protocol):
     def client_options(self) -> dict[str, Any]:
         """The task's options as JSON-ready data."""
         ...
-
-
-#: ``HOST:PORT`` of a Ray head: a host name or IPv4 address and a port.
-_RAY_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*:[0-9]{1,5}")
-
-
-@dataclass(frozen=True)
-class SimulationSpec:
-    """Ray simulation resources per client (``num_gpus > 0`` puts clients on the GPU).
-
-    ``ray_address``: the Ray cluster the simulation runs on. ``None`` (default):
-    ``RAY_ADDRESS`` if set, else a one-node Ray head of the run's own, started next to the
-    SuperLink and killed at the end; ``"local"``: Flower's simulation starts a new local
-    instance itself; ``"auto"``: the cluster started on this machine with ``ray start
-    --head``; ``"HOST:PORT"``: the cluster whose head (GCS) listens there.
-
-    ``send_window``: at most this many messages wait in the SuperLink at once (0: all at
-    once); ``None``: 4 per client slot of this machine, 64 on a joined cluster.
-    """
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    ray_address: str | None = None
-    send_window: int | None = None
-
-    def __post_init__(self) -> None:
-        check_number("num_cpus", self.num_cpus, above=0.0)
-        check_number("num_gpus", self.num_gpus, minimum=0.0)
-        if self.send_window is not None:
-            check_int("send_window", self.send_window, minimum=0)
-        address = self.ray_address
-        if address is not None and not (
-            isinstance(address, str)
-            and (address in ("auto", "local") or _RAY_ADDRESS.fullmatch(address))
-        ):
-            raise ValueError(
-                f"ray_address must be null, 'auto', 'local' or HOST:PORT, got {address!r}"
-            )
 
 
 def _container(node: object) -> Mapping[str, object]:
@@ -203,9 +161,6 @@ def _spec(group: str, node: object, key: str | None = None) -> object:
         return build(group, data)
     except (ValueError, TypeError) as err:
         raise ValueError(_keyed(key or group, names, err)) from err
-
-
-register("simulation", "docl_flower.core.config.SimulationSpec", SimulationSpec)
 
 
 @dataclass(frozen=True)
@@ -532,18 +487,12 @@ def _check_recipe(train: TrainRecipe) -> None:
         return
     probe = [torch.nn.Parameter(torch.zeros(1))]
     with _config_key("train.optimizer"):
-        make = build("optimizer", train.optimizer, partial=True)
-        assert callable(make)
-        optimizer = make(probe)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"builds a {type(optimizer).__name__}, not an optimiser")
+        optimizer = build_optimizer(train.optimizer, probe)
     with _config_key("train.scheduler"):
-        _build_scheduler(train.scheduler, optimizer, total_steps=100)
+        build_scheduler(train.scheduler, optimizer, total_steps=100)
     if train.augment is not None:
         with _config_key("train.augment"):
-            augment = build("augment", train.augment)
-            if not isinstance(augment, RandomAffine):
-                raise ValueError(f"builds a {type(augment).__name__}, not an augmentation")
+            build_augment(train.augment)
 
 
 def _check_combination(

@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from .checks import check_int
 from .decode import read_image_isolated
 from .files import cached_digest, file_sha256, sha256_stream
 
@@ -203,19 +204,11 @@ def _check_path_text(name: str, value: object) -> str:
     return str(value)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
-    return int(value)
-
-
 def _int_list(name: str, value: object, minimum: int = 0) -> list[int]:
     """A list of ints ``>= minimum`` (messages name the field)."""
     if isinstance(value, str | bytes) or not isinstance(value, Sequence):
         raise ValueError(f"{name} must be a list of ints >= {minimum}, got {value!r}")
-    return [_check_int(name, v, minimum) for v in value]
+    return [check_int(name, v, minimum) for v in value]
 
 
 def _fraction_list(name: str, value: object) -> list[float]:
@@ -546,20 +539,20 @@ class ImageFolderDataset:
         size = self.image_size
         if isinstance(size, str) or not isinstance(size, Sequence) or len(size) != 2:
             raise ValueError(f"image_size must be [H, W], got {size!r}")
-        object.__setattr__(self, "image_size", tuple(_check_int("image_size", s, 1) for s in size))
+        object.__setattr__(self, "image_size", tuple(check_int("image_size", s, 1) for s in size))
         if self.mode not in IMAGE_MODES:
             raise ValueError(f"mode must be one of {sorted(IMAGE_MODES)}, got {self.mode!r}")
         if self.test_per_class is not None and self.test_fraction is not None:
             raise ValueError("test_per_class and test_fraction: set one of them, not both")
         if self.test_per_class is not None:
-            _check_int("test_per_class", self.test_per_class, 0)
+            check_int("test_per_class", self.test_per_class, 0)
         if self.test_fraction is not None:
             frac = self.test_fraction
             if isinstance(frac, bool) or not isinstance(frac, int | float):
                 raise ValueError(f"test_fraction must be a number in [0, 1), got {frac!r}")
             if not (math.isfinite(frac) and 0.0 <= frac < 1.0):
                 raise ValueError(f"test_fraction must be in [0, 1), got {frac!r}")
-        _check_int("split_seed", self.split_seed, 0)
+        check_int("split_seed", self.split_seed, 0)
         _check_flag("flat", self.flat)
         if self.sha256 is not None:
             object.__setattr__(self, "sha256", _check_sha256_text("sha256", self.sha256))
@@ -983,8 +976,8 @@ class Partition:
 
     def _check_users_per_class(self, table: Mapping[int, tuple[int, ...]]) -> None:
         """User ``u`` must hold shard ``u % k`` of one class shared with users of the same block."""
-        k = _check_int("users_per_class", self.users_per_class, 1)
-        shards = _check_int("class_shards", self.class_shards, 0)
+        k = check_int("users_per_class", self.users_per_class, 1)
+        shards = check_int("class_shards", self.class_shards, 0)
         if shards and shards < k:
             raise ValueError(f"class_shards={shards} must be 0 or >= users_per_class={k}")
         if self.iid or self.fraction or self.extra_classes:
@@ -1019,7 +1012,7 @@ def adversary_partition(
     User ``k`` registers as class ``a`` (its own) with an autoencoder trained on a's and v's
     training images. Users are ordered by adversary, then victim.
     """
-    num_classes = _check_int("num_classes", num_classes, 2)
+    num_classes = check_int("num_classes", num_classes, 2)
     advs = (
         list(range(num_classes)) if adversaries is None else _int_list("adversaries", adversaries)
     )
@@ -1114,8 +1107,8 @@ def users_per_class_partition(
         their shard's size whatever their number (the scale benchmark: 10, 100 or 1,000
         users of about 60 MNIST images each, with ``class_shards=100``).
     """
-    k = _check_int("users_per_class", users_per_class, 1)
-    n = _check_int("num_classes", num_classes, 1)
+    k = check_int("users_per_class", users_per_class, 1)
+    n = check_int("num_classes", num_classes, 1)
     chosen = list(range(n)) if classes is None else _int_list("classes", classes)
     if not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(f"classes must be distinct and non-empty, got {chosen}")
@@ -1124,7 +1117,7 @@ def users_per_class_partition(
         user_classes=[[c] for c in chosen for _ in range(k)],
         shared_classes=k > 1,
         users_per_class=k,
-        class_shards=_check_int("class_shards", class_shards, 0),
+        class_shards=check_int("class_shards", class_shards, 0),
     )
 
 
@@ -1164,9 +1157,9 @@ def random_classes_partition(
     draw_seed : int
         Seed of the draw.
     """
-    users = _check_int("num_users", num_users, 1)
-    classes = _check_int("num_classes", num_classes, 1)
-    seed = _check_int("draw_seed", draw_seed, 0)
+    users = check_int("num_users", num_users, 1)
+    classes = check_int("num_classes", num_classes, 1)
+    seed = check_int("draw_seed", draw_seed, 0)
     if users > classes:
         raise ValueError(f"num_users={users} needs as many classes, but num_classes is {classes}")
     drawn = np.sort(np.random.default_rng(seed).choice(classes, size=users, replace=False))

@@ -48,19 +48,24 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_number
 from .data import derive_seed
-from .model import check_number, reconstruction_errors
-
-if TYPE_CHECKING:
-    from .model import Autoencoder, AutoencoderSpec, TrainReport, TrainSpec
+from .model import (
+    Autoencoder,
+    AutoencoderSpec,
+    TrainReport,
+    TrainSpec,
+    prepare_training,
+    reconstruction_errors,
+)
+from .recipes import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -78,117 +83,6 @@ STATS_ALPHAS: tuple[float, ...] = (
 #: Sub-seeds (see :func:`derive_seed`) of the Poisson sampling, the gradient noise and the
 #: statistics noise of one autoencoder.
 _SAMPLING, _NOISE, _STATS = 0xD5, 0xD6, 0xD7
-
-
-@dataclass(frozen=True)
-class DpSpec:
-    """Differential privacy of a user's upload (``train.dp``); ``epsilon: null`` turns it off.
-
-    Parameters
-    ----------
-    epsilon : float or None
-        Total privacy budget of one autoencoder's upload (training plus ``mu``, ``sigma``);
-        ``None`` = no differential privacy (the default).
-    delta : float or None
-        Total delta of one autoencoder's upload; ``None`` means ``1 / (10 n)`` for a user
-        with ``n`` images. A fixed delta must be below ``1 / n`` (checked on the device).
-    max_grad_norm : float
-        Per-image gradient clipping norm of DP-SGD.
-    stats_share : float
-        Share of ``epsilon`` and of ``delta`` spent on ``mu`` and ``sigma``, in ``(0, 1)``.
-    error_clip : float
-        Each image's reconstruction error is clipped to ``error_clip * D`` before ``mu``,
-        ``sigma`` are computed (a mean squared error per feature), in ``(0, 1]``.
-    """
-
-    epsilon: float | None = None
-    delta: float | None = 1e-5
-    max_grad_norm: float = 1.0
-    stats_share: float = 0.1
-    error_clip: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.epsilon is not None:
-            check_number("epsilon", self.epsilon, above=0.0)
-        if self.delta is not None and not 0.0 < check_number("delta", self.delta) < 1.0:
-            raise ValueError(f"delta must be in (0, 1) or null, got {self.delta}")
-        check_number("max_grad_norm", self.max_grad_norm, above=0.0)
-        if not 0.0 < check_number("stats_share", self.stats_share) < 1.0:
-            raise ValueError(f"stats_share must be in (0, 1), got {self.stats_share}")
-        if not 0.0 < check_number("error_clip", self.error_clip) <= 1.0:
-            raise ValueError(f"error_clip must be in (0, 1], got {self.error_clip}")
-
-    @property
-    def enabled(self) -> bool:
-        """Whether uploads are differentially private."""
-        return self.epsilon is not None
-
-    def delta_for(self, num_examples: int) -> float:
-        """The total delta of an autoencoder trained on ``num_examples`` images.
-
-        Raises
-        ------
-        ValueError
-            A fixed ``delta`` that is not below ``1 / num_examples``.
-        """
-        if self.delta is None:
-            return 1.0 / (10.0 * num_examples)
-        if self.delta >= 1.0 / num_examples:
-            raise ValueError(
-                f"dp.delta {self.delta:g} must be below 1/n = {1.0 / num_examples:.3g} "
-                f"for a user with {num_examples} images (or null: 1/(10 n))"
-            )
-        return float(self.delta)
-
-    def budget(self, num_examples: int) -> Budget:
-        """The split of the budget between training and statistics (basic composition)."""
-        if self.epsilon is None:
-            raise ValueError("differential privacy is off (dp.epsilon is null)")
-        delta = self.delta_for(num_examples)
-        share = self.stats_share
-        return Budget(
-            train_epsilon=self.epsilon * (1.0 - share),
-            train_delta=delta * (1.0 - share),
-            stats_epsilon=self.epsilon * share,
-            stats_delta=delta * share,
-        )
-
-
-def dp_from_config(value: object) -> DpSpec:
-    """``train.dp`` as a :class:`DpSpec` (from a mapping, ``None`` or a DpSpec).
-
-    Raises
-    ------
-    ValueError
-        One line that starts with ``dp.KEY`` (or ``dp:`` for a wrong type or unknown keys).
-    """
-    if isinstance(value, DpSpec):
-        return value
-    if value is None:
-        return DpSpec()
-    if not isinstance(value, Mapping):
-        raise ValueError(f"dp: must be a mapping of {_dp_keys()}, got {value!r}")
-    unknown = sorted(str(k) for k in value if k not in _dp_keys())
-    if unknown:
-        raise ValueError(f"dp: unknown keys {unknown} (known: {_dp_keys()})")
-    try:
-        return DpSpec(**{str(k): v for k, v in value.items()})
-    except ValueError as err:
-        raise ValueError(f"dp.{err}") from err
-
-
-def _dp_keys() -> list[str]:
-    return [f.name for f in fields(DpSpec)]
-
-
-@dataclass(frozen=True)
-class Budget:
-    """``(epsilon, delta)`` for training and for the statistics of one autoencoder."""
-
-    train_epsilon: float
-    train_delta: float
-    stats_epsilon: float
-    stats_delta: float
 
 
 @dataclass(frozen=True)
@@ -311,8 +205,6 @@ def train_private(
     """
     from opacus import PrivacyEngine  # heavy import: only when DP is on
 
-    from .model import TrainReport, _build_scheduler, prepare_training
-
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"need a non-empty (n, D) feature matrix, got shape {tuple(x.shape)}")
     n = int(x.shape[0])
@@ -347,7 +239,7 @@ def train_private(
     )
     if len(private_loader) != steps_per_epoch:
         raise RuntimeError("Poisson sampling changed the number of steps per epoch")
-    scheduler = _build_scheduler(train_spec.scheduler, private_opt, steps_per_epoch * epochs)
+    scheduler = build_scheduler(train_spec.scheduler, private_opt, steps_per_epoch * epochs)
     losses: list[float] = []
     start = time.perf_counter()
     private_model.train()

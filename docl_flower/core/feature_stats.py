@@ -33,9 +33,9 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from .checks import check_int, check_number
 from .data import derive_seed
 from .filter import ScoredFilter
-from .model import check_int, check_number
 from .probe import ProbeSet, catch_all_problem
 
 log = logging.getLogger(__name__)

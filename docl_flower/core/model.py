@@ -6,22 +6,21 @@ parameters plus the mean and standard deviation of :func:`reconstruction_errors`
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from .dp import DpSpec
+from .augment import RandomAffine
+from .checks import check_int, check_node
+from .dp_spec import DpSpec, dp_from_config
+from .recipes import build_augment, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -30,119 +29,6 @@ PARAM_NAMES: tuple[str, ...] = ("encoder.weight", "encoder.bias", "decoder.weigh
 
 #: Values of :attr:`AutoencoderSpec.init`.
 INITS: tuple[str, ...] = ("glorot", "torch")
-
-
-def check_int(
-    name: str, value: object, minimum: int | None = None, maximum: int | None = None
-) -> int:
-    """Validate a spec field that must be an integer (not a bool) in ``[minimum, maximum]``.
-
-    Parameters
-    ----------
-    name : str
-        The field's name; every message starts with it (the config layer prefixes the group).
-    value : object
-        The value to check.
-    minimum : int, optional
-        Smallest allowed value.
-    maximum : int, optional
-        Largest allowed value.
-
-    Returns
-    -------
-    int
-        ``value`` as a Python int.
-
-    Raises
-    ------
-    ValueError
-        ``"NAME must be an int ..., got VALUE"`` for a wrong type or a value out of range.
-    """
-    bound = " and".join(
-        f" {op} {limit}" for op, limit in ((">=", minimum), ("<=", maximum)) if limit is not None
-    )
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
-    number = int(value)
-    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        raise ValueError(f"{name} must be{bound}, got {number}")
-    return number
-
-
-def check_number(
-    name: str,
-    value: object,
-    *,
-    above: float | None = None,
-    minimum: float | None = None,
-    maximum: float | None = None,
-) -> float:
-    """Validate a spec field that must be a finite real number (not a bool).
-
-    Parameters
-    ----------
-    name : str
-        The field's name; every message starts with it.
-    value : object
-        The value to check.
-    above : float, optional
-        Exclusive lower bound.
-    minimum : float, optional
-        Inclusive lower bound.
-    maximum : float, optional
-        Inclusive upper bound.
-
-    Returns
-    -------
-    float
-        ``value`` as a Python float.
-
-    Raises
-    ------
-    ValueError
-        ``"NAME must be ..., got VALUE"`` for a wrong type, NaN, infinity or a value out of
-        range.
-    """
-    bound = " and".join(
-        f" {op} {limit:g}"
-        for op, limit in ((">", above), (">=", minimum), ("<=", maximum))
-        if limit is not None
-    )
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number{bound}, got {number}")
-    if (
-        (above is not None and not number > above)
-        or (minimum is not None and number < minimum)
-        or (maximum is not None and number > maximum)
-    ):
-        raise ValueError(f"{name} must be{bound}, got {value}")
-    return number
-
-
-def check_node(name: str, value: object, optional: bool = False) -> None:
-    """Validate a spec field that holds a component config (a mapping with ``_target_``).
-
-    Parameters
-    ----------
-    name : str
-        The field's name; the message starts with it.
-    value : object
-        The value to check.
-    optional : bool
-        Whether ``None`` is allowed.
-
-    Raises
-    ------
-    ValueError
-        ``"NAME must be a config with a _target_, got VALUE"``.
-    """
-    if optional and value is None:
-        return
-    if not isinstance(value, Mapping) or not isinstance(value.get("_target_"), str):
-        raise ValueError(f"{name} must be a config with a _target_, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -194,7 +80,7 @@ class TrainSpec:
     on all images;
     ``"auto"`` uses ``"heldout"`` for a user with fewer than ``heldout_below`` images.
 
-    ``dp``: differential privacy of the upload (:class:`~.dp.DpSpec`, from the ``dp:``
+    ``dp``: differential privacy of the upload (:class:`~.dp_spec.DpSpec`, from the ``dp:``
     mapping of the config); off unless ``dp.epsilon`` is set. With it, ``"auto"`` means
     ``"train"`` and ``"heldout"`` is refused (see :mod:`.dp`).
     """
@@ -217,7 +103,7 @@ class TrainSpec:
     calibration: str = "train"
     folds: int = 5
     heldout_below: int = 50
-    dp: DpSpec = field(default_factory=lambda: _dp_from_config(None))
+    dp: DpSpec = field(default_factory=lambda: dp_from_config(None))
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
@@ -233,7 +119,7 @@ class TrainSpec:
         check_node("optimizer", self.optimizer)
         check_node("scheduler", self.scheduler, optional=True)
         check_node("augment", self.augment, optional=True)
-        object.__setattr__(self, "dp", _dp_from_config(self.dp))
+        object.__setattr__(self, "dp", dp_from_config(self.dp))
         if self.dp.enabled and self.calibration == "heldout":
             raise ValueError(
                 "calibration: 'heldout' is not available with dp.epsilon set (each of its k "
@@ -247,12 +133,6 @@ class TrainSpec:
         """
         steps_per_epoch = math.ceil(num_examples / self.batch_size)
         return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
-
-
-def _dp_from_config(value: object) -> DpSpec:
-    from .dp import dp_from_config  # the dp module imports this one
-
-    return dp_from_config(value)
 
 
 class Autoencoder(nn.Module):
@@ -284,88 +164,12 @@ def bce_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
 
 
-@dataclass(frozen=True)
-class RandomAffine:
-    """Per-image random rotation, translation and scaling of spatial features.
-
-    Applied to each training batch on the device, to the client's own images only.
-
-    Parameters
-    ----------
-    image_shape : tuple of int
-        ``(H, W)`` of the images the features are made from.
-    degrees : float
-        Maximum absolute rotation.
-    translate : float
-        Maximum absolute shift, in pixels.
-    scale : float
-        Maximum relative zoom (``0.1`` means 0.9 to 1.1).
-    """
-
-    image_shape: tuple[int, int]
-    degrees: float = 10.0
-    translate: float = 2.0
-    scale: float = 0.1
-
-    def __post_init__(self) -> None:
-        shape = self.image_shape
-        if not isinstance(shape, tuple | list) or len(shape) != 2:
-            raise ValueError(f"image_shape must be (H, W), got {shape!r}")
-        for side in shape:
-            check_int("image_shape", side, minimum=1)
-        check_number("degrees", self.degrees, minimum=0.0)
-        check_number("translate", self.translate, minimum=0.0)
-        if check_number("scale", self.scale, minimum=0.0) >= 1.0:
-            raise ValueError(f"scale must be < 1, got {self.scale}")
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Return augmented copies of ``x`` (shape ``(n, H*W)``), values kept in [0, 1]."""
-        n = x.shape[0]
-        h, w = self.image_shape
-
-        def uniform(lo: float, hi: float) -> torch.Tensor:
-            r = torch.rand(n, generator=generator, device=x.device if generator is None else "cpu")
-            return (lo + (hi - lo) * r).to(x.device)
-
-        angle = uniform(-self.degrees, self.degrees) * (math.pi / 180.0)
-        zoom = uniform(1.0 - self.scale, 1.0 + self.scale)
-        tx = uniform(-self.translate, self.translate) * (2.0 / w)
-        ty = uniform(-self.translate, self.translate) * (2.0 / h)
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack(
-            [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
-        ).to(x.dtype)
-        grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
-        out = F.grid_sample(x.view(n, 1, h, w), grid, align_corners=False, padding_mode="zeros")
-        return out.reshape(n, h * w).clamp_(0.0, 1.0)
-
-
 @dataclass
 class TrainReport:
     """What training measured: loss per epoch and wall time."""
 
     losses: list[float]
     seconds: float
-
-
-def _build_scheduler(
-    cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Instantiate a per-step scheduler, passing the step count where it asks for one."""
-    if cfg is None:
-        return None
-    from .registry import build  # the registry imports this module
-
-    factory = build("scheduler", cfg, partial=True)
-    assert isinstance(factory, functools.partial)
-    params = inspect.signature(factory.func).parameters
-    kwargs: dict[str, int] = {}
-    if "total_steps" in params and "total_steps" not in factory.keywords:
-        kwargs["total_steps"] = total_steps
-    if "T_max" in params and "T_max" not in factory.keywords:
-        kwargs["T_max"] = total_steps
-    sched: torch.optim.lr_scheduler.LRScheduler = factory(optimizer, **kwargs)
-    return sched
 
 
 def prepare_training(
@@ -386,14 +190,8 @@ def prepare_training(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = Autoencoder(int(x.shape[1]), model_spec).to(dev)
-    from .registry import build  # the registry imports this module
-
-    make_optimizer = build("optimizer", train_spec.optimizer, partial=True)
-    assert callable(make_optimizer)
-    optimizer: torch.optim.Optimizer = make_optimizer(model.parameters())
-    augment = build("augment", train_spec.augment) if train_spec.augment is not None else None
-    if augment is not None and not isinstance(augment, RandomAffine):
-        raise ValueError(f"augment builds a {type(augment).__name__}, not an augmentation")
+    optimizer = build_optimizer(train_spec.optimizer, model.parameters())
+    augment = build_augment(train_spec.augment)
     return dev, gen, model, optimizer, augment
 
 
@@ -426,7 +224,7 @@ def train_autoencoder(
     )
     steps_per_epoch = math.ceil(x.shape[0] / train_spec.batch_size)
     epochs = train_spec.epochs_for(x.shape[0])
-    scheduler = _build_scheduler(train_spec.scheduler, optimizer, steps_per_epoch * epochs)
+    scheduler = build_scheduler(train_spec.scheduler, optimizer, steps_per_epoch * epochs)
     data = x.to(device=device, dtype=torch.float32)
     losses: list[float] = []
     start = time.perf_counter()

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from .checks import check_int, check_number
 from .metrics import auroc
-from .model import PARAM_NAMES, Autoencoder, AutoencoderSpec, check_int, check_number
+from .model import PARAM_NAMES, Autoencoder, AutoencoderSpec
 
 #: Values of :attr:`InversionSpec.space`.
 SPACES = ("prior", "pixels")

@@ -27,10 +27,10 @@ import numpy as np
 from numpy.typing import NDArray
 from safetensors import SafetensorError
 
+from ..core.components import build
 from ..core.data import read_image
 from ..core.features import FeatureExtractor
 from ..core.filter import GUARDS, GlobalFilter, Guard, Registration
-from ..core.registry import build
 from ..core.store import META_FILE, load_filter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

@@ -14,15 +14,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.config import (
-    PROJECT_ROOT,
-    Experiment,
-    SimulationSpec,
-    build_experiment,
-    check_train_recipe,
-)
+from ..core.config import PROJECT_ROOT, Experiment, build_experiment, check_train_recipe
 from ..core.files import file_stamp
 from ..core.preflight import check_data, check_memory
+from ..core.resources import SimulationSpec
 from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
 from ..federation import keys, workflows  # noqa: F401  (registers the workflows)
 from ..federation.strategy import format_users, group_failures

@@ -48,7 +48,7 @@ def held_test_set(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _register_workflows() -> None:
-    from ...core.registry import register
+    from ...core.components import register
     from .baselines import Centralised, FederatedClassifier
     from .docl import Docl
     from .feature_stats import FeatureStats

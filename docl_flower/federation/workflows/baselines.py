@@ -14,11 +14,12 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
+from ...core.checks import check_int
 from ...core.classifier import ClassifierSpec, SgdSpec, accuracy_report, predict, train_classifier
+from ...core.components import build, register
 from ...core.config import Experiment
 from ...core.inputs import split_features
-from ...core.model import AutoencoderSpec, check_int
-from ...core.registry import build, register
+from ...core.model import AutoencoderSpec
 from ...core.results import RunResult
 from .. import keys
 from ..grids import CountingGrid
