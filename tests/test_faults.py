@@ -84,8 +84,8 @@ def _experiment(path: Path, tiny_root: Path, filter_dir: Path, bindings: Path) -
                 "train.batch_size=16",
                 "train.min_steps=0",
                 "train.num_threads=1",
-                # weak autoencoders of tiny data (few steps on 60 images) hold more than
-                #  2% of the tiny harmless set; the probe check has tests of its own
+                # weak autoencoders of tiny data (few steps on 60 images) hold more than 2% of the
+                # tiny harmless set; the probe check has tests of its own
                 "strategy.max_block_share=0.5",
                 f"strategy.filter_path={filter_dir}",
                 f"strategy.bindings_path={bindings}",

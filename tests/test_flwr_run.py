@@ -63,8 +63,8 @@ def test_plain_flwr_run_composes_the_config_and_follows_the_federation(
     overrides = (
         f"data_root={tiny_root} dataset.verify=false dataset.harmless.verify=false "
         "train.epochs=10 train.batch_size=16 train.min_steps=0"
-        # weak autoencoders of tiny data (few steps on 60 images) hold
-        #  more than 2% of the tiny harmless set; the probe check has tests of its own
+        # weak autoencoders of tiny data (few steps on 60 images) hold more than 2% of the
+        # tiny harmless set; the probe check has tests of its own
         " strategy.max_block_share=0.5"
     )
     # Execute: the default local federation of flwr 1.42 has 2 simulated nodes.

@@ -176,7 +176,6 @@ def test_nothing_is_started_when_a_setting_is_refused(tmp_path, monkeypatch):
     ("overrides", "expected"),
     [
         (["strategy.max_block_share=5"], "docl-flower: strategy.max_block_share must be"),
-        (["strategy.timeout_s=-1"], "docl-flower: strategy.timeout_s must be > 0"),
         (["model.hidden=100000000"], "docl-flower: model.hidden: the model does not fit"),
         (
             ["dataset=fashion_mnist", "dataset.download=false"],
