@@ -122,6 +122,30 @@ def _kill_leftovers(proc: subprocess.Popen[bytes], seen: dict[int, int]) -> None
         proc.wait(timeout=10)
 
 
+def _launch(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a session of its own, its output into ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _see_tree(
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    started: Callable[[Path], bool],
+    what: str,
+    seen: dict[int, int],
+) -> list[str]:
+    """Wait for ``started``, then record the tree below ``proc`` in ``seen``; its commands."""
+    _wait(lambda: started(log) or proc.poll() is not None, 150, what, log)
+    assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+    for _ in range(3):  # the process tree, as complete as it gets
+        seen.update(_descendants(proc.pid))
+        time.sleep(0.5)
+    return [_cmdline(pid) for pid in seen]
+
+
 def _signal_mid_run(
     cmd: list[str],
     tmp_path: Path,
@@ -137,17 +161,9 @@ def _signal_mid_run(
     log = tmp_path / "command.log"
     env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONUNBUFFERED": "1"}
     seen: dict[int, int] = {}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    proc = _launch(cmd, log, env)
     try:
-        _wait(lambda: started(log) or proc.poll() is not None, 150, "training to start", log)
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        for _ in range(3):  # the process tree, as complete as it gets
-            seen.update(_descendants(proc.pid))
-            time.sleep(0.5)
-        commands = [_cmdline(pid) for pid in seen]
+        commands = _see_tree(proc, log, started, "training to start", seen)
         assert any("flower-superlink" in c for c in commands), commands
         port = next(c.split("--port ")[1].split()[0] for c in commands if "flower-superlink" in c)
         begin = time.monotonic()
@@ -398,17 +414,9 @@ def _signal_and_watch(
         "DOCL_TEST_MARKER": value,
     }
     seen: dict[int, int] = {}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    proc = _launch(cmd, log, env)
     try:
-        _wait(lambda: started(log) or proc.poll() is not None, 150, "the command to start", log)
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        for _ in range(3):  # the process tree, as complete as it gets
-            seen.update(_descendants(proc.pid))
-            time.sleep(0.5)
-        commands = [_cmdline(pid) for pid in seen]
+        commands = _see_tree(proc, log, started, "the command to start", seen)
         begin = time.monotonic()
         proc.send_signal(sig)
         returncode = proc.wait(timeout=90)
