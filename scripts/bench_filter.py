@@ -55,8 +55,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from docl_flower.core import native
-from docl_flower.core.filter import (
+from docl_flower.core.filter import native
+from docl_flower.core.filter.global_filter import (
     GUARDS,
     KERNELS,
     OUTSIDER,
@@ -68,7 +68,7 @@ from docl_flower.core.filter import (
     prefer_bf16,
     reference_scores,
 )
-from docl_flower.core.model import AutoencoderSpec
+from docl_flower.core.training.autoencoder import AutoencoderSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: CPU flags worth recording next to the figures.
@@ -300,7 +300,7 @@ def measure_load(regs: list[Registration], scoring: ScoringConfig) -> dict[str, 
 
     The last is ``PersistentFilter.register``: a save that rewrites the filter's metadata.
     """
-    from docl_flower.core.store import PersistentFilter, save_filter, segment_files
+    from docl_flower.core.filter.store import PersistentFilter, save_filter, segment_files
 
     n, dim = len(regs), regs[0].params["encoder.weight"].shape[1]
     info = {"config": {"bench": "bench_filter.py"}}
@@ -373,9 +373,8 @@ def _newest_run() -> Path | None:
 
 
 def _from_run(run: Path) -> dict[str, Any]:
-    from docl_flower.core.config import load_experiment
-    from docl_flower.core.store import load_filter
-    from docl_flower.federation import workflows  # noqa: F401  (registers the workflows)
+    from docl_flower.core.filter.store import load_filter
+    from docl_flower.federation.components import load_experiment
 
     exp = load_experiment(run / "experiment.yaml")
     # verify_key=False: a local run folder, read for a benchmark (its key may live elsewhere)
@@ -400,9 +399,9 @@ def _from_run(run: Path) -> dict[str, Any]:
 
 
 def _quick_trained(epochs: int) -> dict[str, Any]:
-    from docl_flower.core.data import IdxDataset
-    from docl_flower.core.features import Deskew
-    from docl_flower.core.model import (
+    from docl_flower.core.data.idx import IdxDataset
+    from docl_flower.core.features.extractors import Deskew
+    from docl_flower.core.training.autoencoder import (
         TrainSpec,
         error_stats,
         reconstruction_errors,

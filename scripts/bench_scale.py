@@ -6,7 +6,7 @@ For each size the same experiment runs twice:
    whole process tree (SuperLink, simulation, Ray daemons and workers; RSS and PSS sums
    sampled every 0.5 s), bytes uploaded and downloaded, class and owner accuracy, and where
    the ServerApp's time went (``phase_seconds`` of ``results.json``);
-2. the plain PyTorch loop of :mod:`docl_flower.core.plain`: the same users, data rows,
+2. the plain PyTorch loop of :mod:`docl_flower.core.pipeline.plain`: the same users, data rows,
    recipe and seeds in a pool of as many worker processes as the simulation runs clients at
    once, then the same filter and evaluation. It checks that both trained the same
    autoencoders (largest difference of ``mu`` and of any parameter).
@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from docl_flower.core.config import build_experiment, compose_config
-from docl_flower.core.plain import PlainRun, run_plain
-from docl_flower.core.results import RESULTS_FILE, RunResult, read_results
-from docl_flower.core.store import load_filter
-from docl_flower.federation import workflows  # noqa: F401  (registers the workflows)
+from docl_flower.core.evaluation.results import RESULTS_FILE, RunResult, read_results
+from docl_flower.core.filter.store import load_filter
+from docl_flower.core.pipeline.config import compose_config
+from docl_flower.core.pipeline.plain import PlainRun, run_plain
+from docl_flower.federation.components import build_experiment
 from docl_flower.operations.memory import TreeMemory
 
 GIB = 1024**3

@@ -38,7 +38,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from docl_flower.core.results import RESULTS_FILE, RunResult, read_results
+from docl_flower.core.evaluation.results import RESULTS_FILE, RunResult, read_results
 from docl_flower.operations.runs import launch
 
 #: The paper's face protocol (10 of 40 people, 7/3 photos, harmless: the 30 others).

@@ -27,8 +27,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from docl_flower.core.config import PROJECT_ROOT, build_experiment
-from docl_flower.core.results import RESULTS_FILE, read_results, write_results
+from docl_flower.core.evaluation.results import RESULTS_FILE, read_results, write_results
+from docl_flower.core.pipeline.config import PROJECT_ROOT
+from docl_flower.federation.components import build_experiment
 from docl_flower.operations.deploy import LocalDeployment
 from docl_flower.operations.main import format_table
 from docl_flower.operations.processes import exit_on_signals

@@ -27,16 +27,16 @@ import matplotlib
 import numpy as np
 import torch
 
-from docl_flower.core.analysis import adversary_matrix, alpha_sweep, scalability
-from docl_flower.core.calibration import train_and_calibrate
-from docl_flower.core.config import Experiment, load_experiment
-from docl_flower.core.data import derive_seed
-from docl_flower.core.filter import ArgminGuard, GlobalFilter, Registration
-from docl_flower.core.inputs import server_sets, split_features
-from docl_flower.core.metrics import auroc, overall_accuracy, per_class_accuracy
-from docl_flower.core.model import AutoencoderSpec, TrainSpec, state_to_numpy
-from docl_flower.core.store import load_filter
-from docl_flower.federation import workflows  # noqa: F401  (registers the workflows)
+from docl_flower.core.data.seeds import derive_seed
+from docl_flower.core.evaluation.analysis import adversary_matrix, alpha_sweep, scalability
+from docl_flower.core.evaluation.metrics import auroc, overall_accuracy, per_class_accuracy
+from docl_flower.core.filter.global_filter import ArgminGuard, GlobalFilter, Registration
+from docl_flower.core.filter.store import load_filter
+from docl_flower.core.pipeline.config import Experiment
+from docl_flower.core.pipeline.inputs import server_sets, split_features
+from docl_flower.core.training.autoencoder import AutoencoderSpec, TrainSpec, state_to_numpy
+from docl_flower.core.training.calibration import train_and_calibrate
+from docl_flower.federation.components import load_experiment
 from docl_flower.operations.runs import launch
 
 matplotlib.use("Agg")

@@ -26,12 +26,17 @@ import matplotlib
 import numpy as np
 import torch
 
-from docl_flower.core.analysis import adversary_matrix, alpha_sweep, roc_curve, scalability, swap_in
-from docl_flower.core.config import load_experiment
-from docl_flower.core.filter import GUARDS, GlobalFilter, Registration
-from docl_flower.core.metrics import overall_accuracy, per_class_accuracy
-from docl_flower.core.store import load_filter
-from docl_flower.federation import workflows  # noqa: F401  (registers the workflows)
+from docl_flower.core.evaluation.analysis import (
+    adversary_matrix,
+    alpha_sweep,
+    roc_curve,
+    scalability,
+    swap_in,
+)
+from docl_flower.core.evaluation.metrics import overall_accuracy, per_class_accuracy
+from docl_flower.core.filter.global_filter import GUARDS, GlobalFilter, Registration
+from docl_flower.core.filter.store import load_filter
+from docl_flower.federation.components import load_experiment
 from docl_flower.operations.runs import launch
 
 matplotlib.use("Agg")

@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
-from docl_flower.core.config import load_experiment
-from docl_flower.core.filter import GlobalFilter, Registration
-from docl_flower.core.inputs import server_sets
-from docl_flower.core.store import load_filter
-from docl_flower.federation import workflows  # noqa: F401  (registers the workflows)
+from docl_flower.core.filter.global_filter import GlobalFilter, Registration
+from docl_flower.core.filter.store import load_filter
+from docl_flower.core.pipeline.inputs import server_sets
+from docl_flower.federation.components import load_experiment
 from docl_flower.operations.runs import launch
 
 

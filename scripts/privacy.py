@@ -14,7 +14,7 @@ differential privacy (faces: ``train.min_steps=1000`` as ``make faces`` trains t
 to tell what DP costs from what the recipe costs.
 
 Then, from the server's side only (the run's saved filter plus data the provider owns), on
-every uploaded autoencoder (``docl_flower.core.privacy``):
+every uploaded autoencoder (``docl_flower.core.evaluation.privacy_attacks``):
 
 * **inversion**: gradient descent on the autoencoder's input to minimise its reconstruction
   error, 16 seeded restarts, no user data. ``prior``: in the span of the 50 leading principal
@@ -53,11 +53,8 @@ import matplotlib
 import numpy as np
 import torch
 
-from docl_flower.core.config import Experiment, compose_config, load_experiment
-from docl_flower.core.data import derive_seed
-from docl_flower.core.filter import Registration
-from docl_flower.core.inputs import server_sets, split_features
-from docl_flower.core.privacy import (
+from docl_flower.core.data.seeds import derive_seed
+from docl_flower.core.evaluation.privacy_attacks import (
     InversionSpec,
     NearestNeighbours,
     PublicPrior,
@@ -67,9 +64,12 @@ from docl_flower.core.privacy import (
     membership_auroc,
     nearest_is_member,
 )
-from docl_flower.core.results import RESULTS_FILE, RunResult, read_results
-from docl_flower.core.store import load_filter
-from docl_flower.federation import workflows  # noqa: F401  (registers the workflows)
+from docl_flower.core.evaluation.results import RESULTS_FILE, RunResult, read_results
+from docl_flower.core.filter.global_filter import Registration
+from docl_flower.core.filter.store import load_filter
+from docl_flower.core.pipeline.config import Experiment, compose_config
+from docl_flower.core.pipeline.inputs import server_sets, split_features
+from docl_flower.federation.components import load_experiment
 from docl_flower.operations.runs import launch
 
 matplotlib.use("Agg")

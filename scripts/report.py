@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from docl_flower.core.results import read_results
+from docl_flower.core.evaluation.results import read_results
 
 #: What the paper reports for MNIST (Sec. 3 text; Fig. 2 for the per-class values).
 PAPER = {"overall_accuracy": "0.97", "0": "> 0.99", "9": "about 0.95"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from docl_flower.core.results import RESULTS_FILE, read_results
+from docl_flower.core.evaluation.results import RESULTS_FILE, read_results
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from docl_flower.core.data import IdxDataset
-from docl_flower.core.filter import Registration
-from docl_flower.core.model import AutoencoderSpec
+from docl_flower.core.data.idx import IdxDataset
+from docl_flower.core.filter.global_filter import Registration
+from docl_flower.core.training.autoencoder import AutoencoderSpec
 from docl_flower.operations.processes import process_table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def trained_registration(
     x, user: int, label: int, epochs: int, seed: int = 0, hidden: int = 8, std_scale: float = 1.0
 ) -> Registration:
     """A small autoencoder trained on ``x`` with its error statistics."""
-    from docl_flower.core.model import (
+    from docl_flower.core.training.autoencoder import (
         TrainSpec,
         error_stats,
         reconstruction_errors,

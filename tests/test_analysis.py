@@ -2,9 +2,20 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core.analysis import adversary_matrix, alpha_sweep, roc_curve, scalability, swap_in
-from docl_flower.core.filter import ArgminGuard, GlobalFilter, Registration, StrictGuard
-from docl_flower.core.metrics import per_class_accuracy
+from docl_flower.core.evaluation.analysis import (
+    adversary_matrix,
+    alpha_sweep,
+    roc_curve,
+    scalability,
+    swap_in,
+)
+from docl_flower.core.evaluation.metrics import per_class_accuracy
+from docl_flower.core.filter.global_filter import (
+    ArgminGuard,
+    GlobalFilter,
+    Registration,
+    StrictGuard,
+)
 
 from .conftest import random_registration
 

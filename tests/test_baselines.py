@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from docl_flower.core.classifier import (
+from docl_flower.core.baselines.classifiers import (
     Cnn,
     Mlp2NN,
     SgdSpec,
@@ -15,8 +15,8 @@ from docl_flower.core.classifier import (
     predict,
     train_classifier,
 )
-from docl_flower.core.config import ClientSpec
-from docl_flower.core.data import Partition
+from docl_flower.core.data.partitions import Partition
+from docl_flower.core.pipeline.config import ClientSpec
 from docl_flower.federation import keys
 from docl_flower.federation.grids import CountingGrid
 from docl_flower.federation.workflows import as_workflow
@@ -103,7 +103,7 @@ def test_counting_grid_counts_parameter_bytes_per_user_and_direction():
 def test_centralised_reference_trains_on_the_union_of_partitions(tiny_root, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from docl_flower.core.config import build_experiment
+    from docl_flower.federation.components import build_experiment
 
     from .conftest import PROJECT_ROOT
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from docl_flower.core import native
+from docl_flower.core.filter import native
 
 from .conftest import PROJECT_ROOT
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core import filter as filter_mod
-from docl_flower.core import native
-from docl_flower.core.filter import (
+from docl_flower.core.filter import global_filter as filter_mod
+from docl_flower.core.filter import native
+from docl_flower.core.filter.global_filter import (
     OUTSIDER,
     ArgminGuard,
     GlobalFilter,

@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core.calibration import method_for, train_and_calibrate
-from docl_flower.core.data import IdxDataset, class_indices
-from docl_flower.core.features import Identity
-from docl_flower.core.filter import ArgminGuard, GlobalFilter, Registration
-from docl_flower.core.model import AutoencoderSpec, TrainSpec, reconstruction_errors, state_to_numpy
+from docl_flower.core.data.idx import IdxDataset
+from docl_flower.core.data.partitions import class_indices
+from docl_flower.core.features.extractors import Identity
+from docl_flower.core.filter.global_filter import ArgminGuard, GlobalFilter, Registration
+from docl_flower.core.training.autoencoder import (
+    AutoencoderSpec,
+    TrainSpec,
+    reconstruction_errors,
+    state_to_numpy,
+)
+from docl_flower.core.training.calibration import method_for, train_and_calibrate
 
 from .conftest import PROJECT_ROOT
 

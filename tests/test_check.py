@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 from safetensors import SafetensorError
 
-from docl_flower.core.data import IdxDataset, class_indices
-from docl_flower.core.features import Identity
-from docl_flower.core.store import save_filter
+from docl_flower.core.data.idx import IdxDataset
+from docl_flower.core.data.partitions import class_indices
+from docl_flower.core.features.extractors import Identity
+from docl_flower.core.filter.store import save_filter
 from docl_flower.operations import check
 from docl_flower.operations.check import main
 

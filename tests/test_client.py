@@ -1,10 +1,17 @@
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from docl_flower.core.config import ClientSpec
-from docl_flower.core.data import IdxDataset, class_indices, derive_seed
-from docl_flower.core.features import Identity
-from docl_flower.core.model import AutoencoderSpec, TrainSpec, state_to_numpy, train_autoencoder
+from docl_flower.core.data.idx import IdxDataset
+from docl_flower.core.data.partitions import class_indices
+from docl_flower.core.data.seeds import derive_seed
+from docl_flower.core.features.extractors import Identity
+from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.training.autoencoder import (
+    AutoencoderSpec,
+    TrainSpec,
+    state_to_numpy,
+    train_autoencoder,
+)
 from docl_flower.federation import keys
 from docl_flower.federation.client_tasks import handle_train
 from docl_flower.federation.uploads import UploadRules, parse_upload

@@ -2,7 +2,7 @@
 
 import importlib.util
 
-from docl_flower.core.results import RunResult
+from docl_flower.core.evaluation.results import RunResult
 
 from .conftest import PROJECT_ROOT
 

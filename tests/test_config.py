@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from docl_flower.core.config import ClientSpec, build_experiment
-from docl_flower.federation import workflows  # noqa: F401  (registers the strategies)
+from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.federation.components import build_experiment
 
 from .conftest import PROJECT_ROOT
 

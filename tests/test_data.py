@@ -3,7 +3,9 @@ import gzip
 import numpy as np
 import pytest
 
-from docl_flower.core.data import DataError, IdxDataset, Partition, class_indices
+from docl_flower.core.data.base import DataError
+from docl_flower.core.data.idx import IdxDataset
+from docl_flower.core.data.partitions import Partition, class_indices
 
 from .conftest import PROJECT_ROOT, write_idx
 

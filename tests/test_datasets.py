@@ -14,21 +14,13 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from docl_flower.core.components import build
-from docl_flower.core.data import (
-    CIFAR10_SHA256,
-    DATASETS,
-    PARTITIONS,
-    Cifar10Dataset,
-    DataError,
-    IdxDataset,
-    ImageDataset,
-    ImageFolderDataset,
-    Partition,
-    as_image_dataset,
-    natural_key,
-    random_classes_partition,
-)
+from docl_flower.core.data.base import DataError, ImageDataset
+from docl_flower.core.data.catalog import DATASETS, as_image_dataset
+from docl_flower.core.data.cifar import CIFAR10_SHA256, Cifar10Dataset
+from docl_flower.core.data.folders import ImageFolderDataset, natural_key
+from docl_flower.core.data.idx import IdxDataset
+from docl_flower.core.data.partitions import PARTITIONS, Partition, random_classes_partition
+from docl_flower.core.pipeline.components import build
 
 from .conftest import PROJECT_ROOT
 
@@ -93,7 +85,7 @@ def test_image_folder_reads_every_kind_skips_the_corrupt_file_and_reports_it(mix
     dataset = ImageFolderDataset(str(mixed_tree), image_size=[16, 16], test_per_class=1)
 
     # Execute
-    with caplog.at_level(logging.WARNING, logger="docl_flower.core.data"):
+    with caplog.at_level(logging.WARNING, logger="docl_flower.core.data.folders"):
         train_x, train_y = dataset.load("train")
         test_x, test_y = dataset.load("test")
 

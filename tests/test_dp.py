@@ -13,20 +13,20 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord, RecordDict
 from hydra import compose, initialize_config_dir
 
-from docl_flower.core.calibration import train_and_calibrate
-from docl_flower.core.config import ClientSpec, build_experiment
-from docl_flower.core.dp import (
-    ACCOUNTANT,
-    ImageBce,
-    PrivacySpent,
-    per_user,
-    release_stats,
+from docl_flower.core.evaluation.results import RunResult
+from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.training.autoencoder import (
+    Autoencoder,
+    AutoencoderSpec,
+    TrainSpec,
+    train_autoencoder,
 )
-from docl_flower.core.dp_spec import DpSpec
-from docl_flower.core.model import Autoencoder, AutoencoderSpec, TrainSpec, train_autoencoder
-from docl_flower.core.results import RunResult
-from docl_flower.federation import keys, workflows  # noqa: F401  (registers the strategies)
+from docl_flower.core.training.calibration import train_and_calibrate
+from docl_flower.core.training.dp import ACCOUNTANT, ImageBce, PrivacySpent, per_user, release_stats
+from docl_flower.core.training.dp_spec import DpSpec
+from docl_flower.federation import keys
 from docl_flower.federation.client_tasks import handle_train
+from docl_flower.federation.components import build_experiment
 from docl_flower.federation.strategy import RegisterOnce
 from docl_flower.federation.uploads import UploadError, UploadRules, parse_upload, read_dp
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from docl_flower.core import native
+from docl_flower.core.filter import native
 
 from .conftest import make_tiny_root, processes_with
 

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from docl_flower.core.calibration import train_and_calibrate
-from docl_flower.core.config import build_experiment, compose_config
-from docl_flower.core.filter import Registration
-from docl_flower.core.inputs import split_features
-from docl_flower.core.model import AutoencoderSpec, TrainSpec, state_to_numpy
-from docl_flower.core.store import save_filter
-from docl_flower.federation import workflows  # noqa: F401  (registers the workflows)
+from docl_flower.core.filter.global_filter import Registration
+from docl_flower.core.filter.store import save_filter
+from docl_flower.core.pipeline.config import compose_config
+from docl_flower.core.pipeline.inputs import split_features
+from docl_flower.core.training.autoencoder import AutoencoderSpec, TrainSpec, state_to_numpy
+from docl_flower.core.training.calibration import train_and_calibrate
+from docl_flower.federation.components import build_experiment
 
 from .conftest import PROJECT_ROOT
 

@@ -27,8 +27,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from docl_flower.core.config import PROJECT_ROOT
-from docl_flower.core.store import META_FILE, load_filter
+from docl_flower.core.filter.store import META_FILE, load_filter
+from docl_flower.core.pipeline.config import PROJECT_ROOT
 from docl_flower.operations.deploy import DeploymentError, LocalDeployment
 
 from . import attacker

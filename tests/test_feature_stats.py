@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core.feature_stats import (
+from docl_flower.core.baselines.fedpft import (
     ClassStats,
     Density,
     LikelihoodFilter,
@@ -26,9 +26,9 @@ from docl_flower.core.feature_stats import (
     train_sampled_classifier,
     unpack_symmetric,
 )
-from docl_flower.core.filter import OUTSIDER, ArgminGuard, StrictGuard
-from docl_flower.core.metrics import evaluate
-from docl_flower.core.probe import ProbeSet
+from docl_flower.core.evaluation.metrics import evaluate
+from docl_flower.core.filter.global_filter import OUTSIDER, ArgminGuard, StrictGuard
+from docl_flower.core.filter.probe import ProbeSet
 
 
 def _cluster(rng: np.random.Generator, n: int, dim: int, centre: float, spread: float = 0.05):

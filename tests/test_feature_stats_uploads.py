@@ -12,16 +12,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from docl_flower.core.config import ClientSpec
-from docl_flower.core.data import IdxDataset, class_indices, derive_seed
-from docl_flower.core.feature_stats import (
+from docl_flower.core.baselines.fedpft import (
     TENSOR_NAMES,
     ClassStats,
     StatsLimits,
     StatsSpec,
     fit_class_stats,
 )
-from docl_flower.core.features import Identity
+from docl_flower.core.data.idx import IdxDataset
+from docl_flower.core.data.partitions import class_indices
+from docl_flower.core.data.seeds import derive_seed
+from docl_flower.core.features.extractors import Identity
+from docl_flower.core.pipeline.config import ClientSpec
 from docl_flower.federation import keys
 from docl_flower.federation.client_tasks import handle_train
 from docl_flower.federation.stats_uploads import StatsRules, parse_stats_upload

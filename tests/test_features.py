@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core import files
-from docl_flower.core.components import build
-from docl_flower.core.feature_cache import FeatureCache, array_fingerprint, default_folder
-from docl_flower.core.features import (
+from docl_flower.core.common import files
+from docl_flower.core.common.files import file_sha256
+from docl_flower.core.features.cache import FeatureCache, array_fingerprint, default_folder
+from docl_flower.core.features.extractors import (
     EXTRACTORS,
     Deskew,
     EfficientNetLite0,
@@ -32,7 +32,7 @@ from docl_flower.core.features import (
     ResNetFeatures,
     describe,
 )
-from docl_flower.core.files import file_sha256
+from docl_flower.core.pipeline.components import build
 
 from .conftest import PROJECT_ROOT
 
@@ -189,7 +189,7 @@ def test_grey_rgb_and_tensor_input_give_the_same_face_descriptor(
 
 def test_face_key_holds_the_model_hashes_and_the_parameters() -> None:
     # Prepare
-    from docl_flower.core.features import FACE_RECOGNITION, face_models_folder
+    from docl_flower.core.features.extractors import FACE_RECOGNITION, face_models_folder
 
     digest = file_sha256(face_models_folder() / FACE_RECOGNITION)
     # Execute
@@ -231,7 +231,7 @@ def test_imagenet_features_are_deterministic_1280_values_in_unit_range(
 
 
 def _lite0_weights() -> Path:
-    from docl_flower.core.features import efficientnet_lite0_weights
+    from docl_flower.core.features.extractors import efficientnet_lite0_weights
 
     return efficientnet_lite0_weights()
 
@@ -460,8 +460,8 @@ WORKER = textwrap.dedent(
     """
     import sys, time
     import numpy as np, torch
-    from docl_flower.core.feature_cache import FeatureCache
-    from docl_flower.core.features import Extraction
+    from docl_flower.core.features.cache import FeatureCache
+    from docl_flower.core.features.extractors import Extraction
 
     class Slow:
         spatial = False
@@ -534,7 +534,7 @@ def test_unwritable_cache_folder_falls_back_to_a_private_temp_folder(
 
 def test_progress_lines_are_logged_without_tqdm(tmp_path: Path, data: np.ndarray, caplog) -> None:
     # Prepare
-    caplog.set_level("INFO", logger="docl_flower.core.feature_cache")
+    caplog.set_level("INFO", logger="docl_flower.core.features.cache")
     start = time.monotonic()
     # Execute
     FeatureCache(tmp_path, progress=False, chunk=2).features("ds", Counting(), "x", lambda: data)

@@ -10,9 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from docl_flower.core.data import IdxDataset, class_indices
-from docl_flower.core.features import Deskew
-from docl_flower.core.store import save_filter
+from docl_flower.core.data.idx import IdxDataset
+from docl_flower.core.data.partitions import class_indices
+from docl_flower.core.features.extractors import Deskew
+from docl_flower.core.filter.store import save_filter
 
 from .conftest import PROJECT_ROOT, trained_registration
 

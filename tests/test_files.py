@@ -1,4 +1,4 @@
-"""core/files.py: content hashes cached per process, and crash-safe writes."""
+"""core/common/files.py: content hashes cached per process, and crash-safe writes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import os
 
 import pytest
 
-from docl_flower.core.files import atomic_write, cached_digest, file_sha256, write_bytes_atomic
+from docl_flower.core.common.files import (
+    atomic_write,
+    cached_digest,
+    file_sha256,
+    write_bytes_atomic,
+)
 
 
 def _counting(calls):

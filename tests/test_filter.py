@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core import native
-from docl_flower.core.filter import (
+from docl_flower.core.filter import native
+from docl_flower.core.filter.global_filter import (
     ArgminGuard,
     GlobalFilter,
     Registration,
@@ -101,7 +101,7 @@ def test_native_kernel_falls_back_to_torch_with_a_warning(monkeypatch, caplog):
     x = torch.rand(9, 20)
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="docl_flower.core.native"):
+    with caplog.at_level(logging.WARNING, logger="docl_flower.core.filter.native"):
         flt = GlobalFilter(regs, ScoringConfig(kernel="native"))
     assert flt.kernel == "torch"
     assert "no C++ compiler" in caplog.text
@@ -116,7 +116,7 @@ def test_native_kernel_falls_back_when_compilation_fails(monkeypatch, caplog, tm
     broken.write_text("#error broken on purpose\n")
     monkeypatch.setattr(native, "_SOURCE_FILE", broken)
     monkeypatch.setenv("DOCL_FLOWER_CACHE", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="docl_flower.core.native"):
+    with caplog.at_level(logging.WARNING, logger="docl_flower.core.filter.native"):
         kernel = native.load()
     assert kernel is None
     assert "compilation failed" in caplog.text

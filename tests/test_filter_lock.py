@@ -1,4 +1,4 @@
-"""One writer per filter: the folder's locks (core/lock.py), the store, two concurrent runs."""
+"""One writer per filter: the folder's locks (core/filter/lock.py), the store, two runs at once."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from docl_flower.core.config import build_experiment, compose_config
-from docl_flower.core.lock import (
+from docl_flower.core.filter.lock import (
     RUN,
     WRITER,
     FilterLock,
@@ -28,7 +27,9 @@ from docl_flower.core.lock import (
     lock_path,
     run_lock,
 )
-from docl_flower.core.store import META_FILE, PersistentFilter, load_filter, segment_files
+from docl_flower.core.filter.store import META_FILE, PersistentFilter, load_filter, segment_files
+from docl_flower.core.pipeline.config import compose_config
+from docl_flower.federation.components import build_experiment
 from docl_flower.federation.workflows.docl import Docl
 from docl_flower.operations import main
 
@@ -95,7 +96,7 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from docl_flower.core.lock import FilterLock\n"
+        "from docl_flower.core.filter.lock import FilterLock\n"
         "lock = FilterLock(Path(sys.argv[1]))\n"
         "print('locked', flush=True)\n"
         "time.sleep(600)\n"
@@ -326,9 +327,9 @@ WRITER_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from docl_flower.core.filter import Registration
-from docl_flower.core.lock import FilterLockedError
-from docl_flower.core.model import AutoencoderSpec
+from docl_flower.core.filter.global_filter import Registration
+from docl_flower.core.filter.lock import FilterLockedError
+from docl_flower.core.training.autoencoder import AutoencoderSpec
 from docl_flower.federation.workflows.docl import Docl
 
 folder, first, count, wait_s, go, release = sys.argv[1:]

@@ -22,11 +22,16 @@ from flwr.app import Array
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from docl_flower.core import native
-from docl_flower.core.filter import GlobalFilter, Registration, ScoringConfig, reference_scores
-from docl_flower.core.model import PARAM_NAMES
-from docl_flower.core.probe import ProbeCheck, ProbeSet, probe_set, reference_scores64
-from docl_flower.core.store import PersistentFilter, load_filter
+from docl_flower.core.filter import native
+from docl_flower.core.filter.global_filter import (
+    GlobalFilter,
+    Registration,
+    ScoringConfig,
+    reference_scores,
+)
+from docl_flower.core.filter.probe import ProbeCheck, ProbeSet, probe_set, reference_scores64
+from docl_flower.core.filter.store import PersistentFilter, load_filter
+from docl_flower.core.training.autoencoder import PARAM_NAMES
 from docl_flower.federation import keys
 from docl_flower.federation.strategy import RegisterOnce
 from docl_flower.federation.uploads import UploadError, parse_upload

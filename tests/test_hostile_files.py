@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from docl_flower.core import decode
-from docl_flower.core.data import IMAGE_FORMATS, ImageFolderDataset, read_image
-from docl_flower.core.decode import ImageReadError, read_image_isolated
-from docl_flower.core.store import META_FILE, load_filter, save_filter
+from docl_flower.core.data import decode
+from docl_flower.core.data.decode import ImageReadError, read_image_isolated
+from docl_flower.core.data.folders import IMAGE_FORMATS, ImageFolderDataset, read_image
+from docl_flower.core.filter.store import META_FILE, load_filter, save_filter
 from docl_flower.operations.check import PROG, main, shown
 
 from .test_check import _saved_filter

@@ -63,6 +63,64 @@ def violations(layer: str, root: Path = PACKAGE) -> list[str]:
     return bad
 
 
+#: The core's sub-packages along the data flow, lowest first: a module may import its own
+#: floor and the floors below it, never one above (function-level imports included).
+CORE_FLOORS = (
+    "common",
+    "data",
+    "features",
+    "training",
+    "filter",
+    "evaluation",
+    "baselines",
+    "pipeline",
+)
+
+
+def _floor(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[:2] != ["docl_flower", "core"] or len(parts) < 3:
+        return None
+    return CORE_FLOORS.index(parts[2]) if parts[2] in CORE_FLOORS else None
+
+
+def upward_imports(root: Path = PACKAGE) -> list[str]:
+    """``module -> import`` pairs of the core that reach a floor above the module's own."""
+    bad = []
+    for path in sorted((root / "core").rglob("*.py")):
+        module = _module_name(path, root)
+        own = _floor(module)
+        for name in sorted(imports_of(path, root)):
+            floor = _floor(name)
+            if own is not None and floor is not None and floor > own:
+                bad.append(f"{module} -> {name}")
+    return bad
+
+
+def test_every_core_module_lives_on_a_floor():
+    core = PACKAGE / "core"
+    loose = sorted(p.name for p in core.glob("*.py") if p.name != "__init__.py")
+    assert loose == [], f"core modules outside a sub-package: {loose}"
+    floors = sorted(p.name for p in core.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert floors == sorted(CORE_FLOORS)
+
+
+def test_no_core_module_imports_a_floor_above_its_own():
+    assert upward_imports() == []
+
+
+def test_the_floor_check_catches_an_upward_import_inside_a_function(tmp_path):
+    fake = tmp_path / "docl_flower" / "core" / "data"
+    fake.mkdir(parents=True)
+    (fake / "leaky.py").write_text(
+        "def f():\n    from ..filter.store import load_filter\n    return load_filter\n"
+    )
+    assert upward_imports(tmp_path / "docl_flower") == [
+        "docl_flower.core.data.leaky -> docl_flower.core.filter.store",
+        "docl_flower.core.data.leaky -> docl_flower.core.filter.store.load_filter",
+    ]
+
+
 def test_every_module_belongs_to_a_layer():
     top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
     assert top == [], f"modules outside the layers: {top}"
@@ -87,8 +145,8 @@ def test_the_check_catches_a_core_module_that_imports_flower(tmp_path):
 def test_importing_the_core_does_not_load_flower():
     code = (
         "import sys, importlib, pkgutil, docl_flower.core as c\n"
-        "for m in pkgutil.iter_modules(c.__path__):\n"
-        "    importlib.import_module('docl_flower.core.' + m.name)\n"
+        "for m in pkgutil.walk_packages(c.__path__, 'docl_flower.core.'):\n"
+        "    importlib.import_module(m.name)\n"
         "print(sorted(n for n in sys.modules if n == 'flwr' or n.startswith('flwr.')))\n"
     )
     out = subprocess.run(

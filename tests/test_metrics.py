@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core.filter import ArgminGuard, GlobalFilter, Registration
-from docl_flower.core.metrics import (
+from docl_flower.core.evaluation.metrics import (
     acceptance_rate,
     auroc,
     guarded_accuracy,
     overall_accuracy,
     per_class_accuracy,
 )
+from docl_flower.core.filter.global_filter import ArgminGuard, GlobalFilter, Registration
 
 from .conftest import random_registration
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from docl_flower.core.model import (
+from docl_flower.core.training.autoencoder import (
     Autoencoder,
     AutoencoderSpec,
     RandomAffine,
@@ -111,7 +111,7 @@ def test_min_steps_gives_small_partitions_as_many_updates():
 def test_progress_is_logged_at_quarters_only_for_a_training_that_runs_a_second(caplog):
     import logging
 
-    from docl_flower.core import device
+    from docl_flower.core.pipeline import user_fit as device
 
     def run(seconds_per_epoch: float) -> list[str]:
         now = [0.0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
-from docl_flower.core.store import (
+from docl_flower.core.filter.store import (
     KEY_ENV,
     PersistentFilter,
     content_hash,

@@ -11,16 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from docl_flower.core.config import build_experiment, compose_config
-from docl_flower.core.inputs import split_features
-from docl_flower.core.model import (
-    AutoencoderSpec,
-    TrainSpec,
-    reconstruction_errors,
-    state_to_numpy,
-    train_autoencoder,
-)
-from docl_flower.core.privacy import (
+from docl_flower.core.evaluation.privacy_attacks import (
     InversionSpec,
     NearestNeighbours,
     PublicPrior,
@@ -31,8 +22,18 @@ from docl_flower.core.privacy import (
     membership_auroc,
     nearest_is_member,
 )
-from docl_flower.core.results import RunResult, write_results
-from docl_flower.core.store import save_filter
+from docl_flower.core.evaluation.results import RunResult, write_results
+from docl_flower.core.filter.store import save_filter
+from docl_flower.core.pipeline.config import compose_config
+from docl_flower.core.pipeline.inputs import split_features
+from docl_flower.core.training.autoencoder import (
+    AutoencoderSpec,
+    TrainSpec,
+    reconstruction_errors,
+    state_to_numpy,
+    train_autoencoder,
+)
+from docl_flower.federation.components import build_experiment
 
 from .conftest import PROJECT_ROOT, trained_registration
 

@@ -83,8 +83,8 @@ def test_a_run_joins_an_existing_ray_cluster_and_reports_owner_accuracy(
 
 @pytest.mark.parametrize("address", ["not an address", "", "ray://", "host:port", "1.2.3.4"])
 def test_a_bad_ray_address_is_refused_with_the_key(address):
-    import docl_flower.federation.workflows  # noqa: F401  (registers the workflows)
-    from docl_flower.core.config import build_experiment, compose_config
+    from docl_flower.core.pipeline.config import compose_config
+    from docl_flower.federation.components import build_experiment
 
     cfg = compose_config([])
     cfg.simulation.ray_address = address

@@ -8,10 +8,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from docl_flower.core import components
-from docl_flower.core.config import ClientSpec
-from docl_flower.core.model import AutoencoderSpec, TrainSpec, train_autoencoder
-from docl_flower.core.registry import UnknownComponentError
+from docl_flower.core.common.registry import UnknownComponentError
+from docl_flower.core.pipeline import components
+from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.training.autoencoder import AutoencoderSpec, TrainSpec, train_autoencoder
 from docl_flower.federation import keys
 from docl_flower.federation.client_tasks import TASKS, handle_train
 
@@ -82,3 +82,45 @@ def test_an_optimizer_named_by_a_message_is_looked_up_not_imported(tmp_path):
             recipe = TrainSpec(epochs=1, batch_size=4, optimizer={**node, "_partial_": True})
             train_autoencoder(torch.rand(8, 6), AutoencoderSpec(hidden=2), recipe, 0)
     assert not target.exists()
+
+
+def test_workflows_are_named_in_one_table_and_importing_them_registers_nothing():
+    # Prepare: a fresh interpreter imports every workflow module, then looks at the tables.
+    import subprocess
+    import sys
+
+    code = (
+        "import docl_flower.federation.workflows.docl, docl_flower.federation.workflows.baselines\n"
+        "import docl_flower.federation.workflows.feature_stats\n"
+        "from docl_flower.core.pipeline.components import COMPONENTS as core\n"
+        "print(core.names('strategy'))\n"
+        "from docl_flower.federation.components import COMPONENTS, WORKFLOWS\n"
+        "print(sorted(WORKFLOWS) == COMPONENTS.names('strategy'), core.names('strategy'))\n"
+    )
+
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    # Assert: the core's table stays without workflows; the Flower layer's has all four.
+    assert out.stdout.split("\n")[:2] == ["[]", "True []"]
+
+
+def test_a_core_build_of_a_whole_run_names_where_the_workflows_are():
+    from docl_flower.core.pipeline.config import build_experiment, compose_config
+    from docl_flower.federation.components import COMPONENTS, WORKFLOWS
+
+    cfg = compose_config()
+    with pytest.raises(ValueError, match=r"docl_flower\.federation\.components\.COMPONENTS"):
+        build_experiment(cfg, check_recipe=False)
+    exp = build_experiment(cfg, check_recipe=False, components=COMPONENTS)
+    assert type(exp.workflow) in WORKFLOWS.values()
+
+
+def test_extending_a_registry_refuses_a_name_given_twice():
+    from docl_flower.core.common.registry import Registry
+
+    base = Registry({"model": {"a": dict}})
+    both = base.extended({"model": {"b": list}, "strategy": {"s": set}})
+    assert both.names("model") == ["a", "b"] and base.names("model") == ["a"]
+    with pytest.raises(ValueError, match=r"names registered twice: \['a'\]"):
+        base.extended({"model": {"a": list}})

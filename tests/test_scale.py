@@ -14,12 +14,12 @@ import pytest
 import torch
 from flwr.app import Message
 
-import docl_flower.federation.workflows  # noqa: F401  (registers the workflows)
-from docl_flower.core.config import build_experiment, compose_config
-from docl_flower.core.data import Partition, owner_shards, users_per_class_partition
-from docl_flower.core.filter import ArgminGuard, ScoredFilter
-from docl_flower.core.metrics import evaluate, owner_accuracy, owner_guarded_accuracy
-from docl_flower.core.plain import concurrency, run_plain, train_user
+from docl_flower.core.data.partitions import Partition, owner_shards, users_per_class_partition
+from docl_flower.core.evaluation.metrics import evaluate, owner_accuracy, owner_guarded_accuracy
+from docl_flower.core.filter.global_filter import ArgminGuard, ScoredFilter
+from docl_flower.core.pipeline.config import compose_config
+from docl_flower.core.pipeline.plain import concurrency, run_plain, train_user
+from docl_flower.federation.components import build_experiment
 from docl_flower.federation.grids import SimulationGrid, StreamingGrid
 from docl_flower.operations.main import send_window
 from docl_flower.operations.memory import TreeMemory, descendants
@@ -43,7 +43,7 @@ def test_users_per_class_gives_each_user_a_disjoint_shard_of_one_class():
     assert table == {u: (u // 4,) for u in range(12)}
     labels = np.repeat(np.arange(3), 40)
     exp_shards = part.shards
-    from docl_flower.core.data import user_class_indices
+    from docl_flower.core.data.partitions import user_class_indices
 
     held = [user_class_indices(labels, u // 4, u, seed=0, shards=exp_shards) for u in range(12)]
     assert all(idx.size == 10 for idx in held)
@@ -349,7 +349,7 @@ gspec.loader.exec_module(gpu_check)
 
 
 def test_the_gpu_checks_scoring_matches_the_reference_and_it_refuses_without_cuda(monkeypatch):
-    from docl_flower.core.filter import reference_scores
+    from docl_flower.core.filter.global_filter import reference_scores
 
     from .conftest import random_registration
 
@@ -367,7 +367,7 @@ def test_the_gpu_checks_scoring_matches_the_reference_and_it_refuses_without_cud
 
 
 def test_the_run_table_shows_owner_accuracy_and_dp_when_present():
-    from docl_flower.core.results import RunResult
+    from docl_flower.core.evaluation.results import RunResult
     from docl_flower.operations.main import format_table
 
     base = {

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from docl_flower.core.config import compose_config
-from docl_flower.core.preflight import MemoryEstimate, check_memory, estimate_memory
+from docl_flower.core.pipeline.config import compose_config
+from docl_flower.core.pipeline.preflight import MemoryEstimate, check_memory, estimate_memory
 from docl_flower.operations import main as docl_main
 
 from .conftest import PROJECT_ROOT, processes_with

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from docl_flower.core import config as config_module
-from docl_flower.core.config import compose_config, load_experiment
-from docl_flower.core.results import RunResult, write_results
+from docl_flower.core.evaluation.results import RunResult, write_results
+from docl_flower.core.pipeline import config as config_module
+from docl_flower.core.pipeline.config import compose_config
 from docl_flower.federation.client_tasks import threads_from_environment
+from docl_flower.federation.components import load_experiment
 from docl_flower.operations import main as main_module
 from docl_flower.operations import processes
 from docl_flower.operations.main import ResultsOfRun
@@ -96,8 +97,6 @@ def test_the_client_runs_on_the_threads_its_runtime_gives_it(monkeypatch, value,
 
 def _saved(tmp_path: Path, overrides: list[str]) -> tuple[Path, str]:
     from omegaconf import OmegaConf
-
-    import docl_flower.federation.workflows  # noqa: F401  (registers the workflows)
 
     path = tmp_path / "experiment.yaml"
     OmegaConf.save(compose_config(overrides), path, resolve=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from docl_flower.core.store import (
+from docl_flower.core.filter.store import (
     KEY_ENV,
     META_FILE,
     PersistentFilter,
@@ -398,7 +398,7 @@ def test_a_failed_save_leaves_the_persistent_filter_unchanged(tmp_path, monkeypa
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("docl_flower.core.store.write_bytes_atomic", fail)
+    monkeypatch.setattr("docl_flower.core.filter.store.write_bytes_atomic", fail)
     with pytest.raises(OSError, match="disk full"):
         store.register(0, [random_registration(rng, 0, 0)], [{}])
     assert store.users == {0} and store.history == []

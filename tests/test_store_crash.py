@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from docl_flower.core.filter import Registration
-from docl_flower.core.store import (
+from docl_flower.core.filter.global_filter import Registration
+from docl_flower.core.filter.store import (
     KEY_ENV,
     META_FILE,
     PersistentFilter,
@@ -37,7 +37,7 @@ INFO = {"config": {"features": {"_target_": "docl_flower.core.features.Deskew"}}
 DRIVER = r"""
 import json, os, pathlib, pickle, shutil, sys
 
-from docl_flower.core import store
+from docl_flower.core.filter import store
 
 cfg = json.loads(sys.argv[1])
 template, out = pathlib.Path(cfg["template"]), pathlib.Path(cfg["out"])

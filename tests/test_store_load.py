@@ -13,9 +13,9 @@ import pytest
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as dump_tensors
 
-from docl_flower.core import store
-from docl_flower.core.filter import Registration
-from docl_flower.core.store import (
+from docl_flower.core.filter import store
+from docl_flower.core.filter.global_filter import Registration
+from docl_flower.core.filter.store import (
     KEY_ENV,
     META_FILE,
     PersistentFilter,

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from docl_flower.core import store as store_module
-from docl_flower.core.store import (
+from docl_flower.core.filter import store as store_module
+from docl_flower.core.filter.store import (
     META_FILE,
     PersistentFilter,
     content_hash,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from docl_flower.core.model import AutoencoderSpec
+from docl_flower.core.training.autoencoder import AutoencoderSpec
 from docl_flower.federation import keys, nodes, strategy
 from docl_flower.federation.strategy import RegisterOnce
 from docl_flower.federation.uploads import UploadError, UploadRules, parse_upload

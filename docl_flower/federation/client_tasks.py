@@ -18,19 +18,18 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
-from ..core.classifier import SgdSpec
-from ..core.classifier import train_classifier as sgd_train
-from ..core.config import ClientSpec
-from ..core.data import ImageDataset, derive_seed, load_cached
-from ..core.device import fit_user
-from ..core.dp import PrivacySpent, per_user
-from ..core.feature_stats import fit_class_stats
-from ..core.inputs import split_features
-from ..core.logs import setup_logging
-from ..core.model import (
-    AutoencoderSpec,
-    state_to_numpy,
-)
+from docl_flower.core.baselines.classifiers import SgdSpec
+from docl_flower.core.baselines.classifiers import train_classifier as sgd_train
+from docl_flower.core.baselines.fedpft import fit_class_stats
+from docl_flower.core.common.logs import setup_logging
+from docl_flower.core.data.base import ImageDataset, load_cached
+from docl_flower.core.data.seeds import derive_seed
+from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.pipeline.inputs import split_features
+from docl_flower.core.pipeline.user_fit import fit_user
+from docl_flower.core.training.autoencoder import AutoencoderSpec, state_to_numpy
+from docl_flower.core.training.dp import PrivacySpent, per_user
+
 from . import keys
 
 log = logging.getLogger(__name__)

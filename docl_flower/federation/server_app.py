@@ -18,17 +18,17 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from ..core.config import (
+from docl_flower.core.common.logs import setup_logging
+from docl_flower.core.evaluation.results import RESULTS_FILE, write_results
+from docl_flower.core.pipeline.config import (
     PROJECT_ROOT,
     Experiment,
-    build_experiment,
     compose_config,
-    load_experiment,
     overridden_keys,
 )
-from ..core.logs import setup_logging
-from ..core.results import RESULTS_FILE, write_results
+
 from . import keys
+from .components import build_experiment, load_experiment
 from .grids import SimulationGrid
 from .nodes import federation_nodes
 from .workflows import as_workflow

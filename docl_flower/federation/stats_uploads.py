@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from ..core.feature_stats import TENSOR_NAMES, ClassStats, StatsError, StatsLimits, checked_stats
+from docl_flower.core.baselines.fedpft import (
+    TENSOR_NAMES,
+    ClassStats,
+    StatsError,
+    StatsLimits,
+    checked_stats,
+)
+
 from . import keys
 from .uploads import (
     UploadError,
@@ -56,7 +63,7 @@ def parse_stats_upload(
     UploadError
         With the reason, for a missing record or key, a user id that is not expected, classes
         that are not the user's, a tensor with a wrong name, shape or dtype, or statistics that
-        :func:`~docl_flower.core.feature_stats.checked_stats` refuses. No other exception
+        :func:`~docl_flower.core.baselines.fedpft.checked_stats` refuses. No other exception
         leaves this function.
     """
     head = read_header(content, assignment, keys.LL_MEAN, keys.LL_STD, TENSOR_NAMES)

@@ -78,7 +78,7 @@ class RegistrationOutcome(Generic[R]):
     handling_seconds: float = 0.0
 
     def result_fields(self) -> dict[str, Any]:
-        """The per-user part of a :class:`~docl_flower.core.results.RunResult` (JSON keys)."""
+        """The per-user part of a :class:`~.results.RunResult` (JSON keys)."""
         return {
             "rounds": 1,
             "registered": sorted(self.registered),

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from ..core.filter import Registration
-from ..core.model import PARAM_NAMES
+from docl_flower.core.filter.global_filter import Registration
+from docl_flower.core.training.autoencoder import PARAM_NAMES
+
 from . import keys
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ resized to the data set's image size, passed through the feature extractor the f
 built with, and scored by every registered autoencoder.
 
 A file that cannot be read as an image gets one error line (on stderr) and the other images
-are still decided. Every file is treated as hostile (see :mod:`docl_flower.core.decode`): a
+are still decided. Every file is treated as hostile (see :mod:`docl_flower.core.data.decode`): a
 FIFO, device or folder with an image name is refused unopened, a file over 64 MiB or 64
 megapixels is refused, and each file is decoded in a worker process that is replaced when a
 file crashes it or takes longer than 15 s, so no file can stop the others from being decided.
@@ -27,11 +27,11 @@ import numpy as np
 from numpy.typing import NDArray
 from safetensors import SafetensorError
 
-from ..core.components import build
-from ..core.data import read_image
-from ..core.features import FeatureExtractor
-from ..core.filter import GUARDS, GlobalFilter, Guard, Registration
-from ..core.store import META_FILE, load_filter
+from docl_flower.core.data.folders import read_image
+from docl_flower.core.features.extractors import FeatureExtractor
+from docl_flower.core.filter.global_filter import GUARDS, GlobalFilter, Guard, Registration
+from docl_flower.core.filter.store import META_FILE, load_filter
+from docl_flower.core.pipeline.components import build
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 PROG = "docl-flower filter check"
@@ -78,7 +78,7 @@ def load_image(path: Path, shape: Sequence[int]) -> NDArray[np.uint8]:
 
     EXIF orientation applied, 16-bit and palette images converted exactly as the data set
     loader does, in the decoding worker; raises
-    :class:`~docl_flower.core.decode.ImageReadError` if unreadable.
+    :class:`~docl_flower.core.data.decode.ImageReadError` if unreadable.
     """
     mode = "RGB" if len(shape) == 3 else "L"
     return read_image(path, mode, (int(shape[0]), int(shape[1])))

@@ -14,12 +14,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.config import PROJECT_ROOT, Experiment, build_experiment, check_train_recipe
-from ..core.files import file_stamp
-from ..core.preflight import check_data, check_memory
-from ..core.resources import SimulationSpec
-from ..core.results import RESULTS_FILE, RunResult, read_results, write_results
-from ..federation import keys, workflows  # noqa: F401  (registers the workflows)
+from docl_flower.core.common.files import file_stamp
+from docl_flower.core.evaluation.results import RESULTS_FILE, RunResult, read_results, write_results
+from docl_flower.core.pipeline.config import PROJECT_ROOT, Experiment, check_train_recipe
+from docl_flower.core.pipeline.preflight import check_data, check_memory
+from docl_flower.core.pipeline.resources import SimulationSpec
+
+from ..federation import keys
+from ..federation.components import build_experiment
 from ..federation.strategy import format_users, group_failures
 from ..federation.workflows.docl import Docl
 from .processes import exit_on_signals
@@ -148,7 +150,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
     config_path = out_dir / "experiment.yaml"
     OmegaConf.save(cfg, config_path, resolve=True)
     checked = hashlib.sha256(config_path.read_bytes()).hexdigest()
-    # One writer per filter (core/lock.py): a second run on this run's filter folder stops
+    # One writer per filter (core/filter/lock.py): a second run on this run's filter folder stops
     # here in one line, before any Flower or Ray process starts, or waits for the first
     # (strategy.lock_wait_s). The lock is held until run_app has stopped them all; the
     # ServerApp takes the folder's writer lock itself (this process cannot hold it for it).

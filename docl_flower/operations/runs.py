@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..core.results import RESULTS_FILE, RunResult, read_results
+from docl_flower.core.evaluation.results import RESULTS_FILE, RunResult, read_results
 
 log = logging.getLogger(__name__)
 

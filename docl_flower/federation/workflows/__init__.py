@@ -1,11 +1,11 @@
 """Server-side workflows, one per ``strategy`` config option: DOCL and the baselines.
 
-Every workflow runs inside the ServerApp and returns a :class:`~docl_flower.core.results.RunResult`;
-the ServerApp adds what every run shares and writes it. The ``strategy`` config group selects a
-workflow with ``_target_``; its ``CLIENT_TASK`` names the task the clients run (a key of the
-ClientApp's task registry). The baselines: FedAvg-family classifiers, a centralised reference,
-and one-shot per-class feature statistics (FedPFT-style: like DOCL, each user uploads once and
-receives nothing).
+Every workflow runs inside the ServerApp and returns a
+:class:`~docl_flower.core.evaluation.results.RunResult`; the ServerApp adds what every run shares
+and writes it. The ``strategy`` config group selects a workflow with ``_target_``; its
+``CLIENT_TASK`` names the task the clients run (a key of the ClientApp's task registry). The
+baselines: FedAvg-family classifiers, a centralised reference, and one-shot per-class feature
+statistics (FedPFT-style: like DOCL, each user uploads once and receives nothing).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from flwr.serverapp import Grid
 
-from ...core.config import Experiment
-from ...core.inputs import server_sets
-from ...core.results import RunResult
+from docl_flower.core.evaluation.results import RunResult
+from docl_flower.core.pipeline.config import Experiment
+from docl_flower.core.pipeline.inputs import server_sets
 
 
 @runtime_checkable
@@ -45,16 +45,3 @@ def held_test_set(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor]:
     held = torch.tensor(sorted({c for cs in exp.assignment.values() for c in cs}))
     mask = torch.isin(sets.y_test, held)
     return sets.x_test[mask], sets.y_test[mask]
-
-
-def _register_workflows() -> None:
-    from ...core.components import register
-    from .baselines import Centralised, FederatedClassifier
-    from .docl import Docl
-    from .feature_stats import FeatureStats
-
-    for cls in (Docl, FederatedClassifier, Centralised, FeatureStats):
-        register("strategy", f"{cls.__module__}.{cls.__qualname__}", cls)
-
-
-_register_workflows()

@@ -14,13 +14,20 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
-from ...core.checks import check_int
-from ...core.classifier import ClassifierSpec, SgdSpec, accuracy_report, predict, train_classifier
-from ...core.components import build, register
-from ...core.config import Experiment
-from ...core.inputs import split_features
-from ...core.model import AutoencoderSpec
-from ...core.results import RunResult
+from docl_flower.core.baselines.classifiers import (
+    ClassifierSpec,
+    SgdSpec,
+    accuracy_report,
+    predict,
+    train_classifier,
+)
+from docl_flower.core.common.checks import check_int
+from docl_flower.core.common.registry import Registry
+from docl_flower.core.evaluation.results import RunResult
+from docl_flower.core.pipeline.config import Experiment
+from docl_flower.core.pipeline.inputs import split_features
+from docl_flower.core.training.autoencoder import AutoencoderSpec
+
 from .. import keys
 from ..grids import CountingGrid
 from . import held_test_set
@@ -28,9 +35,15 @@ from .settings import MAX_EPOCHS, MAX_ROUNDS, check_flower_strategy, check_timeo
 
 log = logging.getLogger(__name__)
 
-# The built-in Flower strategies a FedAvg-family baseline may name (``strategy.strategy``).
-for _cls in (FedAvg, FedProx):
-    register("flower_strategy", f"flwr.serverapp.strategy.{_cls.__name__}", _cls)
+#: The built-in Flower strategies a FedAvg-family baseline may name (``strategy.strategy``).
+FLOWER_STRATEGIES = Registry(
+    {
+        "flower_strategy": {
+            "flwr.serverapp.strategy.FedAvg": FedAvg,
+            "flwr.serverapp.strategy.FedProx": FedProx,
+        }
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,7 @@ class FederatedClassifier:
             log.info("round %d: test accuracy %.4f", server_round, overall)
             return MetricRecord({"accuracy": overall})
 
-        strategy = build("flower_strategy", self.strategy)
+        strategy = FLOWER_STRATEGIES.build("flower_strategy", self.strategy)
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy.strategy builds a {type(strategy).__name__}")
         strategy.start(

@@ -14,21 +14,22 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from ...core.config import Experiment
-from ...core.data import owner_shards
-from ...core.filter import GlobalFilter, Registration
-from ...core.inputs import server_sets
-from ...core.lock import FilterLockedError, check_wait, run_lock
-from ...core.metrics import ALPHA_GRID, evaluate
-from ...core.model import AutoencoderSpec
-from ...core.probe import (
+from docl_flower.core.data.partitions import owner_shards
+from docl_flower.core.evaluation.metrics import ALPHA_GRID, evaluate
+from docl_flower.core.evaluation.results import RunResult
+from docl_flower.core.filter.global_filter import GlobalFilter, Registration
+from docl_flower.core.filter.lock import FilterLockedError, check_wait, run_lock
+from docl_flower.core.filter.probe import (
     DEFAULT_MAX_BLOCK_SHARE,
     DEFAULT_PROBE_IMAGES,
     ProbeCheck,
     probe_set,
 )
-from ...core.results import RunResult
-from ...core.store import PersistentFilter
+from docl_flower.core.filter.store import PersistentFilter
+from docl_flower.core.pipeline.config import Experiment
+from docl_flower.core.pipeline.inputs import server_sets
+from docl_flower.core.training.autoencoder import AutoencoderSpec
+
 from .. import keys
 from ..grids import StreamingGrid
 from ..nodes import is_simulation, load_bindings
@@ -53,7 +54,7 @@ class Docl:
     probe_noise: int = 64
     max_block_share: float = DEFAULT_MAX_BLOCK_SHARE
     #: How long a run waits for another run that writes the same filter (seconds; 0: it fails
-    #: at once, in one line that names the other run). See :mod:`~docl_flower.core.lock`.
+    #: at once, in one line that names the other run). See :mod:`~docl_flower.core.filter.lock`.
     lock_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -69,7 +70,7 @@ class Docl:
         """The run's filter, loaded under its writer lock, held until it is closed.
 
         Waits up to ``lock_wait_s`` for another writer of the folder; then raises
-        :class:`~docl_flower.core.lock.FilterLockedError` (one line naming the holder).
+        :class:`~docl_flower.core.filter.lock.FilterLockedError` (one line naming the holder).
         """
         try:
             return PersistentFilter(
@@ -82,7 +83,7 @@ class Docl:
     def run_lock(self, out_dir: Path) -> AbstractContextManager[None]:
         """Held by the command that starts this run (``docl-flower``) until the run ends.
 
-        The filter folder's run lock (:func:`~docl_flower.core.lock.run_lock`): a second
+        The filter folder's run lock (:func:`~docl_flower.core.filter.lock.run_lock`): a second
         command on the same folder fails before it starts Flower (or waits ``lock_wait_s``).
         """
         return run_lock(self.filter_folder(out_dir), self.lock_wait_s)

@@ -19,8 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from ...core.config import Experiment
-from ...core.feature_stats import (
+from docl_flower.core.baselines.fedpft import (
     ClassStats,
     LikelihoodFilter,
     SampledClassifierSpec,
@@ -30,10 +29,12 @@ from ...core.feature_stats import (
     probe_problem,
     train_sampled_classifier,
 )
-from ...core.inputs import server_sets
-from ...core.metrics import ALPHA_GRID, evaluate
-from ...core.probe import DEFAULT_MAX_BLOCK_SHARE, DEFAULT_PROBE_IMAGES, probe_set
-from ...core.results import RunResult
+from docl_flower.core.evaluation.metrics import ALPHA_GRID, evaluate
+from docl_flower.core.evaluation.results import RunResult
+from docl_flower.core.filter.probe import DEFAULT_MAX_BLOCK_SHARE, DEFAULT_PROBE_IMAGES, probe_set
+from docl_flower.core.pipeline.config import Experiment
+from docl_flower.core.pipeline.inputs import server_sets
+
 from .. import keys
 from ..grids import StreamingGrid
 from ..nodes import is_simulation, load_bindings

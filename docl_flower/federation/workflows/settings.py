@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from ...core.checks import check_int, check_number
+from docl_flower.core.common.checks import check_int, check_number
 
 #: Longest any deadline may be (one week): a larger value is a typo, not a plan.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0

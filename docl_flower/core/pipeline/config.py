@@ -1,0 +1,648 @@
+"""The one place where Hydra config is mapped to typed, frozen objects.
+
+``build_experiment`` turns the composed config into an :class:`Experiment`; the part that a
+client needs travels as JSON (:class:`ClientSpec`) inside the train message's ConfigRecord.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import re
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from numpy.typing import NDArray
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from docl_flower.core.baselines.classifiers import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
+from docl_flower.core.baselines.fedpft import StatsSpec
+from docl_flower.core.common.checks import check_int, check_number
+from docl_flower.core.common.install import PACKAGE_ROOT, project_root
+from docl_flower.core.common.registry import Registry
+from docl_flower.core.data.base import ImageDataset
+from docl_flower.core.data.catalog import as_image_dataset
+from docl_flower.core.data.partitions import Partition, class_indices, user_class_indices
+from docl_flower.core.features.extractors import FeatureExtractor
+from docl_flower.core.filter.global_filter import GUARDS, SIDES, Guard, ScoringConfig, make_guard
+from docl_flower.core.filter.probe import DEFAULT_MAX_ALPHA, MAX_ALPHA
+from docl_flower.core.pipeline.components import COMPONENTS
+from docl_flower.core.pipeline.resources import SimulationSpec
+from docl_flower.core.training.autoencoder import AutoencoderSpec, TrainSpec
+from docl_flower.core.training.recipes import build_augment, build_optimizer, build_scheduler
+
+#: What the ``model`` group builds: DOCL's autoencoder or a baseline's classifier.
+ModelSpec = AutoencoderSpec | ClassifierSpec
+#: What the ``train`` group builds: DOCL's recipe or the baselines' SGD.
+TrainRecipe = TrainSpec | SgdSpec
+
+
+#: ``dataset.harmless`` value: the photos of the classes (people) no user registered.
+UNREGISTERED = "unregistered"
+
+
+@runtime_checkable
+class WorkflowSpec(Protocol):
+    """What the core knows of a workflow (``strategy`` group): the task its clients run.
+
+    The Flower layer's ``Workflow`` protocol adds ``run``; the task is a name of the client's
+    task registry, never a dotted path.
+    """
+
+    CLIENT_TASK: ClassVar[str]
+
+
+@runtime_checkable
+class ClientOptionsSpec(Protocol):
+    """A workflow whose clients' task takes options (sent in :attr:`ClientSpec.options`)."""
+
+    def client_options(self) -> dict[str, Any]:
+        """The task's options as JSON-ready data."""
+        ...
+
+
+def _container(node: object) -> Mapping[str, object]:
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected a config mapping, got {type(data).__name__}")
+    return {str(k): v for k, v in data.items()}
+
+
+#: Lower bounds of integer fields whose classes do not name the field when they reject it.
+_MINIMUM: dict[object, dict[str, int]] = {
+    ScoringConfig: {"chunk_images": 1, "chunk_models": 1},
+    Partition: {"num_users": 1, "classes_per_user": 1},
+}
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _keyed(key: str, names: Collection[str], err: BaseException) -> str:
+    """``err``'s message, prefixed with the config key: ``KEY.FIELD ...`` or ``KEY: ...``."""
+    text = _one_line(err)
+    head = re.match(r"[A-Za-z_]\w*", text)
+    if head is not None and head.group() in names:
+        return f"{key}.{text}"
+    return f"{key}: {text}"
+
+
+@contextmanager
+def _config_key(key: str, names: Collection[str] = ()) -> Iterator[None]:
+    """Re-raise what building the config under ``key`` rejects as one ``ValueError`` line.
+
+    A message that starts with one of ``names`` (the fields of the component) is prefixed with
+    ``KEY.``; any other with ``KEY: ``.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, InstantiationException) as err:
+        raise ValueError(_keyed(key, names, err)) from err
+
+
+def _fields(
+    group: str, data: Mapping[str, object], components: Registry
+) -> tuple[object, list[str]]:
+    """The factory a config node names and the names of its arguments (empty if unknown)."""
+    try:
+        make = components.factory(group, data.get("_target_"))
+    except ValueError:
+        return None, []
+    try:
+        return make, list(inspect.signature(make).parameters)
+    except (TypeError, ValueError):
+        return make, []
+
+
+def _check_fields(make: object, data: Mapping[str, object]) -> None:
+    """Check the plain-typed fields of a dataclass component before it is built.
+
+    ``int`` fields need an int (not a bool, not a float), ``float`` fields a finite number,
+    ``bool`` fields a bool and ``str`` fields a string; :data:`_MINIMUM` adds lower bounds.
+    Messages start with the field name.
+    """
+    if not (isinstance(make, type) and dataclasses.is_dataclass(make)):
+        return
+    bounds = _MINIMUM.get(make, {})
+    for f in dataclasses.fields(make):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "int":
+            check_int(f.name, value, bounds.get(f.name))
+        elif kind == "float":
+            check_number(f.name, value)
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false, got {value!r}")
+        elif kind == "str" and not isinstance(value, str):
+            raise ValueError(f"{f.name} must be a string, got {value!r}")
+
+
+def _spec(
+    group: str, node: object, key: str | None = None, components: Registry = COMPONENTS
+) -> object:
+    """Build the component a config node names, through the registry (no recursion).
+
+    Nested ``_target_`` configs (optimiser, scheduler, augmentation) stay plain dicts so that
+    they can be sent to clients as JSON and built there, from the same registry. Raises
+    ``ValueError`` with a message that starts with ``key`` (default: ``group``), e.g.
+    ``model.hidden must be >= 1, got 0``.
+    """
+    names: list[str] = []
+    try:
+        data = _container(node)
+        make, names = _fields(group, data, components)
+        _check_fields(make, data)
+        return components.build(group, data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(_keyed(key or group, names, err)) from err
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """Everything a client needs to train its autoencoder(s); JSON-serialisable."""
+
+    seed: int
+    dataset: dict[str, Any]
+    features: dict[str, Any]
+    model: dict[str, Any]
+    train: dict[str, Any]
+    assignment: dict[int, list[int]]
+    fraction: dict[int, float] = field(default_factory=dict)
+    extra_classes: dict[int, list[int]] = field(default_factory=dict)
+    shards: int = 0
+    task: str = "docl"
+    #: Options of the task that the workflow sends (feature statistics: a :class:`StatsSpec`).
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Serialise (integer keys become strings)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientSpec:
+        """Parse what :meth:`to_json` wrote."""
+        raw = json.loads(text)
+        raw["assignment"] = {int(k): [int(c) for c in v] for k, v in raw["assignment"].items()}
+        raw["fraction"] = {int(k): float(v) for k, v in raw.get("fraction", {}).items()}
+        raw["extra_classes"] = {
+            int(k): [int(c) for c in v] for k, v in raw.get("extra_classes", {}).items()
+        }
+        return cls(**raw)
+
+    def model_spec(self) -> ModelSpec:
+        """The architecture as a typed object (a classifier spec for the baselines)."""
+        return _as_model(_spec("model", self.model))
+
+    def train_spec(self) -> TrainRecipe:
+        """The training recipe as a typed object."""
+        return _as_train(_spec("train", self.train))
+
+    def stats_spec(self) -> StatsSpec:
+        """The feature-statistics options of the ``feature_stats`` task as a typed object."""
+        return StatsSpec(**self.options)
+
+    def dataset_obj(self, root: str | None = None) -> ImageDataset:
+        """The training data set, optionally read from a node-local folder."""
+        cfg = dict(self.dataset)
+        if root is not None:
+            cfg["root"] = root
+        return _as_dataset(_spec("dataset", cfg))
+
+    def features_obj(self) -> FeatureExtractor:
+        """The feature extractor."""
+        return _as_features(_spec("features", self.features))
+
+    def class_user_indices(
+        self, user: int, cls: int, labels: NDArray[np.int64]
+    ) -> NDArray[np.int64]:
+        """Training indices of class ``cls`` that ``user`` holds (shard and fraction applied)."""
+        return user_class_indices(
+            labels,
+            cls,
+            user,
+            seed=self.seed,
+            shards=self.shards,
+            fraction=self.fraction.get(user, 1.0),
+        )
+
+    def user_indices(self, user: int, labels: NDArray[np.int64]) -> NDArray[np.int64]:
+        """All training indices of ``user``'s partition."""
+        return np.concatenate(
+            [self.class_user_indices(user, c, labels) for c in self.assignment[user]]
+        )
+
+    def training_indices(self, user: int, cls: int, labels: NDArray[np.int64]) -> NDArray[np.int64]:
+        """What ``user`` trains its class-``cls`` autoencoder on (plus any extra classes)."""
+        return np.concatenate(
+            [self.class_user_indices(user, cls, labels)]
+            + [class_indices(labels, v) for v in self.extra_classes.get(user, [])]
+        )
+
+
+def _wrong(key: str, value: object) -> ValueError:
+    return ValueError(f"config group {key!r} built a {type(value).__name__}")
+
+
+def _as_model(value: object) -> ModelSpec:
+    if isinstance(value, AutoencoderSpec | Mlp2NN | Cnn):
+        return value
+    raise _wrong("model", value)
+
+
+def _as_train(value: object) -> TrainRecipe:
+    if isinstance(value, TrainSpec | SgdSpec):
+        return value
+    raise _wrong("train", value)
+
+
+def _as_dataset(value: object) -> ImageDataset:
+    return as_image_dataset(value)
+
+
+def _as_features(value: object) -> FeatureExtractor:
+    if isinstance(value, FeatureExtractor):
+        return value
+    raise _wrong("features", value)
+
+
+def _as_partition(value: object) -> Partition:
+    if isinstance(value, Partition):
+        return value
+    raise _wrong("partition", value)
+
+
+_T = TypeVar("_T")
+
+
+def _as(kind: type[_T], value: object, key: str) -> _T:
+    if isinstance(value, kind):
+        return value
+    raise _wrong(key, value)
+
+
+def _as_workflow(value: object) -> WorkflowSpec:
+    if isinstance(value, WorkflowSpec):
+        return value
+    raise _wrong("strategy", value)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A fully resolved DOCL experiment."""
+
+    seed: int
+    num_classes: int
+    dataset: ImageDataset
+    #: Harmless images: another data set's test split, or None.
+    harmless: ImageDataset | None
+    features: FeatureExtractor
+    partition: Partition
+    model: ModelSpec
+    train: TrainRecipe
+    guard: Guard
+    #: The loosest Guard alpha this filter may ever be checked with (``guard.max_alpha``).
+    max_alpha: float
+    scoring: ScoringConfig
+    simulation: SimulationSpec
+    client_spec: ClientSpec
+    assignment: Mapping[int, tuple[int, ...]]
+    workflow: WorkflowSpec
+    #: The resolved config as plain data (saved with the filter and the results).
+    config: dict[str, object]
+    #: Harmless images are the photos of the classes no user owns (``harmless: unregistered``).
+    harmless_unregistered: bool = False
+
+
+def build_experiment(
+    cfg: DictConfig, check_recipe: bool = True, components: Registry = COMPONENTS
+) -> Experiment:
+    """Validate the composed config and map it to typed objects.
+
+    Everything a run needs is checked here, before Flower or Ray start. With
+    ``check_recipe=False`` the training recipe is checked for its structure only; its
+    optimiser and scheduler are built by :func:`check_train_recipe` (a first optimiser costs
+    1-2 s in a process: torch imports its compiler then), which the caller runs later.
+    ``components``: the table the config's names are looked up in; the core's has no
+    workflows, so a whole run passes :data:`docl_flower.federation.components.COMPONENTS`
+    (or calls :func:`docl_flower.federation.components.build_experiment`).
+
+    Raises
+    ------
+    ValueError
+        One line that starts with the config key it rejects, e.g.
+        ``model.hidden must be >= 1, got 0`` or ``simulation.num_cpus must be > 0, got 0``.
+    """
+    with _one_line_errors():
+        return _build_experiment(cfg, check_recipe, components)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Re-raise what building a config rejects as one ``ValueError`` line."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(_one_line(err)) from err
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        raise ValueError(f"invalid config: {_one_line(err)}") from err
+    except InstantiationException as err:
+        raise ValueError(_one_line(err)) from err
+    except KeyError as err:  # a config group removed with ``~group``
+        raise ValueError(f"invalid config: missing key {err}") from err
+    except TypeError as err:  # unknown or missing keys of a spec
+        raise ValueError(f"invalid config: {_one_line(err)}") from err
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The Hydra config of ``conf/`` (shipped with this copy of the package) with ``overrides``.
+
+    What ``docl-flower`` composes from the command line, for callers without it (a ServerApp
+    started by ``flwr run .``). Raises ``ValueError`` for an override Hydra rejects.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    conf = PACKAGE_ROOT / "conf"
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(f"invalid overrides {list(overrides)}: {err}") from err
+
+
+def overridden_keys(overrides: Sequence[str]) -> set[str]:
+    """The config keys that Hydra ``overrides`` set (``+a.b=1`` and ``a.b=1`` give ``a.b``)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+
+
+def load_experiment(
+    path: Path, checked_sha256: str | None = None, components: Registry = COMPONENTS
+) -> Experiment:
+    """Read a resolved config saved as YAML (``experiment.yaml``) and build the experiment.
+
+    ``checked_sha256``: the SHA-256 of the file when whoever wrote it checked its recipe
+    already (``docl-flower`` does, before it starts Flower); when the file still has that
+    digest the recipe is not built again, otherwise everything is checked.
+    """
+    data = path.read_bytes()
+    cfg = OmegaConf.create(data.decode("utf-8"))
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{path}: expected a mapping of config groups")
+    checked = checked_sha256 is not None and hashlib.sha256(data).hexdigest() == checked_sha256
+    return build_experiment(cfg, check_recipe=not checked, components=components)
+
+
+def check_train_recipe(exp: Experiment) -> None:
+    """Build the optimiser, scheduler and augmentation of ``exp``'s recipe once.
+
+    Raises ``ValueError`` (one line naming the key) when a client could not build them.
+    """
+    with _one_line_errors():
+        _check_recipe(exp.train)
+
+
+#: Largest seed plus one (numpy's and torch's seeding accept 0 .. 2**32 - 1 everywhere).
+SEED_LIMIT = 2**32
+
+
+def _check_top_level(container: Mapping[str, object]) -> int:
+    """Check the keys outside the config groups; return the seed."""
+    seed = container["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in 0..{SEED_LIMIT - 1}, got {seed!r}")
+    if "num_users" in container:
+        check_int("num_users", container["num_users"], minimum=1)
+    for key in ("run_timeout_s", "strategy_timeout_s"):
+        if key in container:
+            check_number(key, container[key], above=0.0)
+    return seed
+
+
+#: Optimiser and scheduler arguments that must be > 0, and those that must be >= 0.
+_POSITIVE_ARGS = frozenset({"lr", "max_lr", "eps", "total_steps", "epochs", "steps_per_epoch"})
+_NONNEGATIVE_ARGS = frozenset(
+    {"weight_decay", "momentum", "rho", "dampening", "lr_decay", "initial_accumulator_value"}
+    | {"pct_start", "div_factor", "final_div_factor", "base_momentum", "max_momentum"}
+    | {"degrees", "translate", "scale", "shear", "alpha", "gamma", "step_size", "T_max"}
+)
+
+
+def _check_numbers(key: str, node: object) -> None:
+    """Check every number of a component config (optimiser, scheduler, augmentation).
+
+    Each must be finite; the arguments named in :data:`_POSITIVE_ARGS` and
+    :data:`_NONNEGATIVE_ARGS` must also be in range.
+    """
+    if isinstance(node, Mapping):
+        for name, value in node.items():
+            _check_numbers(f"{key}.{name}", value)
+            name = str(name)
+            ranged = name in _POSITIVE_ARGS or name in _NONNEGATIVE_ARGS
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                if ranged and not isinstance(value, list | tuple | Mapping):
+                    raise ValueError(f"{key}.{name} must be a number, got {value!r}")
+                continue
+            if name in _POSITIVE_ARGS and not value > 0:
+                raise ValueError(f"{key}.{name} must be > 0, got {value}")
+            if name in _NONNEGATIVE_ARGS and not value >= 0:
+                raise ValueError(f"{key}.{name} must be >= 0, got {value}")
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            _check_numbers(f"{key}[{i}]", value)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ValueError(f"{key} must be a finite number, got {node}")
+
+
+#: Longest image side a data set may declare.
+MAX_IMAGE_SIDE = 1 << 14
+
+
+def _check_image_shape(value: object) -> None:
+    """``dataset.image_shape``: ``[H, W]`` or ``[H, W, C]`` of positive ints (or absent)."""
+    if value is None:
+        return
+    ok = (
+        isinstance(value, list | tuple)
+        and len(value) in (2, 3)
+        and all(
+            not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= MAX_IMAGE_SIDE
+            for v in value
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"image_shape must be [H, W] or [H, W, C] of ints in 1..{MAX_IMAGE_SIDE}, got {value!r}"
+        )
+
+
+def _check_recipe(train: TrainRecipe) -> None:
+    """Build what a client builds from ``train`` (optimiser, scheduler, augmentation) once.
+
+    So that a bad learning rate or an unknown scheduler argument fails here, not on every
+    client after Flower has started.
+    """
+    if not isinstance(train, TrainSpec):
+        return
+    probe = [torch.nn.Parameter(torch.zeros(1))]
+    with _config_key("train.optimizer"):
+        optimizer = build_optimizer(train.optimizer, probe)
+    with _config_key("train.scheduler"):
+        build_scheduler(train.scheduler, optimizer, total_steps=100)
+    if train.augment is not None:
+        with _config_key("train.augment"):
+            build_augment(train.augment)
+
+
+def _check_combination(
+    workflow: WorkflowSpec, model: ModelSpec, train: TrainRecipe, num_classes: int
+) -> None:
+    """Refuse a model or recipe that the strategy's clients cannot train."""
+    task = workflow.CLIENT_TASK
+    if task == "docl":
+        if not isinstance(model, AutoencoderSpec):
+            raise ValueError(
+                f"model: the DOCL strategy trains autoencoders, not a {type(model).__name__} "
+                "(use model=paper)"
+            )
+        if not isinstance(train, TrainSpec):
+            raise ValueError(
+                f"train: the DOCL strategy trains autoencoders, not with {type(train).__name__} "
+                "(use train=default or train=paper)"
+            )
+    elif task in ("classifier", "idle"):
+        if isinstance(model, AutoencoderSpec):
+            raise ValueError(
+                "model: the baselines train a classifier, not an autoencoder "
+                "(use model=mlp2nn or model=cnn)"
+            )
+        if not isinstance(train, SgdSpec):
+            raise ValueError("train: the baselines train with SGD (use train=sgd)")
+    elif task == "feature_stats":
+        # Per-class statistics of the features: no model is trained on the device, so the
+        # ``model`` and ``train`` groups are not used (their options live in ``strategy``).
+        pass
+    else:
+        raise ValueError(f"strategy: unknown client task {task!r}")
+    if not isinstance(model, AutoencoderSpec) and model.num_classes < num_classes:
+        raise ValueError(
+            f"model.num_classes must be >= dataset.num_classes ({num_classes}), "
+            f"got {model.num_classes}"
+        )
+
+
+def _build_guard(node: object) -> tuple[Guard, float]:
+    """The Guard and ``max_alpha``, the loosest alpha any later check may use (see probe.py)."""
+    names = ("name", "alpha", "sided", "max_alpha")
+    with _config_key("guard", names):
+        data = _container(node)
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} (known: {list(names)})")
+        name = data.get("name")
+        if not isinstance(name, str) or name not in GUARDS:
+            raise ValueError(f"name must be one of {sorted(GUARDS)}, got {name!r}")
+        alpha = check_number("alpha", data.get("alpha"), above=0.0)
+        sided = data.get("sided", "two")
+        if sided not in SIDES:
+            raise ValueError(f"sided must be one of {list(SIDES)}, got {sided!r}")
+        max_alpha = check_number(
+            "max_alpha", data.get("max_alpha", DEFAULT_MAX_ALPHA), above=0.0, maximum=MAX_ALPHA
+        )
+        if alpha > max_alpha:
+            raise ValueError(
+                f"alpha {alpha} is above max_alpha {max_alpha} (the loosest alpha the upload "
+                "check judged); raise guard.max_alpha"
+            )
+        return make_guard(name, alpha, str(sided)), max_alpha
+
+
+def _build_experiment(cfg: DictConfig, check_recipe: bool, components: Registry) -> Experiment:
+    container = _container(cfg)
+    seed = _check_top_level(container)
+    dataset_node = _container(container["dataset"])
+    dataset_cfg = {
+        k: v for k, v in dataset_node.items() if k not in ("num_classes", "harmless", "image_shape")
+    }
+    with _config_key("dataset", ["num_classes", "image_shape"]):
+        num_classes = check_int("num_classes", dataset_node.get("num_classes"), minimum=1)
+        _check_image_shape(dataset_node.get("image_shape"))
+    harmless_cfg = dataset_node.get("harmless")
+    dataset = _as_dataset(_spec("dataset", dataset_cfg))
+    harmless = None
+    if isinstance(harmless_cfg, Mapping):
+        harmless = _as_dataset(_spec("dataset", harmless_cfg, "dataset.harmless"))
+    elif harmless_cfg not in (None, UNREGISTERED):
+        raise ValueError(
+            f"dataset.harmless must be a data set config, {UNREGISTERED!r} or null, "
+            f"got {harmless_cfg!r}"
+        )
+    partition = _as_partition(_spec("partition", container["partition"]))
+    with _config_key("partition", [f.name for f in dataclasses.fields(Partition)]):
+        assignment = partition.assignment(num_classes)
+    train_cfg = dict(_container(container["train"]))
+    model_cfg = dict(_container(container["model"]))
+    model = _as_model(_spec("model", model_cfg))
+    train = _as_train(_spec("train", train_cfg))
+    for part in ("optimizer", "scheduler", "augment"):
+        _check_numbers(f"train.{part}", train_cfg.get(part))
+    if check_recipe:
+        _check_recipe(train)
+    workflow = _as_workflow(_spec("strategy", container["strategy"], components=components))
+    _check_combination(workflow, model, train, num_classes)
+    features_cfg = dict(_container(container["features"]))
+    guard, max_alpha = _build_guard(container["guard"])
+    client_spec = ClientSpec(
+        seed=seed,
+        dataset=dataset_cfg,
+        features=features_cfg,
+        model=model_cfg,
+        train=train_cfg,
+        assignment={u: list(cs) for u, cs in assignment.items()},
+        fraction={int(k): float(v) for k, v in partition.fraction.items()},
+        extra_classes={int(k): [int(c) for c in v] for k, v in partition.extra_classes.items()},
+        shards=partition.shards,
+        task=str(workflow.CLIENT_TASK),
+        options=workflow.client_options() if isinstance(workflow, ClientOptionsSpec) else {},
+    )
+    return Experiment(
+        seed=seed,
+        num_classes=num_classes,
+        dataset=dataset,
+        harmless=harmless,
+        features=_as_features(_spec("features", features_cfg)),
+        partition=partition,
+        model=model,
+        train=train,
+        guard=guard,
+        max_alpha=max_alpha,
+        scoring=_as(ScoringConfig, _spec("scoring", container["scoring"]), "scoring"),
+        simulation=_as(SimulationSpec, _spec("simulation", container["simulation"]), "simulation"),
+        client_spec=client_spec,
+        assignment=assignment,
+        workflow=workflow,
+        config={str(k): v for k, v in container.items()},
+        harmless_unregistered=harmless_cfg == UNREGISTERED,
+    )
+
+
+#: The project folder (holds ``pyproject.toml``, ``conf/`` and ``data/``).
+PROJECT_ROOT = project_root()
+
+if not OmegaConf.has_resolver("docl.project_root"):
+    OmegaConf.register_new_resolver("docl.project_root", lambda: str(PROJECT_ROOT))
