@@ -15,8 +15,10 @@ from docl_flower.core.baselines.classifiers import (
     predict,
     train_classifier,
 )
+from docl_flower.core.data.idx import IdxDataset
 from docl_flower.core.data.partitions import Partition
-from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.features.extractors import Identity
+from docl_flower.core.pipeline.client_spec import ClientSpec
 from docl_flower.federation import keys
 from docl_flower.federation.grids import CountingGrid
 from docl_flower.federation.workflows import as_workflow
@@ -63,10 +65,10 @@ def test_iid_shards_are_disjoint_and_cover_every_class():
     assert assignment == {u: (0, 1, 2) for u in range(4)}
     spec = ClientSpec(
         seed=1,
-        dataset={},
-        features={},
-        model={},
-        train={},
+        dataset=IdxDataset("mnist", "unused"),
+        features=Identity(),
+        model=Mlp2NN(num_classes=3),
+        train=SgdSpec(),
         assignment={u: list(c) for u, c in assignment.items()},
         shards=4,
     )

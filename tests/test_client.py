@@ -1,11 +1,15 @@
+import dataclasses
+import json
+
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from docl_flower.core.data.idx import IdxDataset
 from docl_flower.core.data.partitions import class_indices
 from docl_flower.core.data.seeds import derive_seed
 from docl_flower.core.features.extractors import Identity
-from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.pipeline.client_spec import ClientSpec
 from docl_flower.core.training.autoencoder import (
     AutoencoderSpec,
     TrainSpec,
@@ -20,15 +24,10 @@ from docl_flower.federation.uploads import UploadRules, parse_upload
 def _spec(root, epochs=2) -> ClientSpec:
     return ClientSpec(
         seed=11,
-        dataset={
-            "_target_": "docl_flower.core.data.IdxDataset",
-            "name": "mnist",
-            "root": str(root / "mnist"),
-            "verify": False,
-        },
-        features={"_target_": "docl_flower.core.features.Identity"},
-        model={"_target_": "docl_flower.core.model.AutoencoderSpec", "hidden": 8},
-        train={"_target_": "docl_flower.core.model.TrainSpec", "epochs": epochs, "batch_size": 16},
+        dataset=IdxDataset("mnist", str(root / "mnist"), verify=False),
+        features=Identity(),
+        model=AutoencoderSpec(hidden=8),
+        train=TrainSpec(epochs=epochs, batch_size=16),
         assignment={0: [3]},
     )
 
@@ -45,7 +44,7 @@ def test_docl_with_one_user_equals_central_training_with_the_same_seed(tiny_root
         x, AutoencoderSpec(hidden=8), TrainSpec(epochs=2, batch_size=16), derive_seed(11, 0, 3)
     )
     # Assert
-    rules = UploadRules(AutoencoderSpec(hidden=8).shapes(784), max_error=784.0)
+    rules = UploadRules.for_autoencoder(AutoencoderSpec(hidden=8), 784)
     user, (reg,) = parse_upload(reply, {0: (3,)}, rules)
     assert user == 0 and reg.label == 3 and reg.num_examples == 60
     for name, value in state_to_numpy(central).items():
@@ -56,7 +55,7 @@ def test_docl_with_one_user_equals_central_training_with_the_same_seed(tiny_root
 
 def test_node_config_user_id_and_data_dir_take_precedence(tiny_root, tmp_path):
     spec = _spec(tmp_path / "nowhere", epochs=1)  # the server's path does not exist here
-    spec = ClientSpec(**{**spec.__dict__, "assignment": {0: [3], 1: [4]}})
+    spec = dataclasses.replace(spec, assignment={0: [3], 1: [4]})
     content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
     reply = handle_train(
         content, {"partition-id": 0, "user-id": 1, "data-dir": str(tiny_root / "mnist")}
@@ -66,9 +65,50 @@ def test_node_config_user_id_and_data_dir_take_precedence(tiny_root, tmp_path):
 
 
 def test_an_adversary_trains_on_its_own_and_the_victims_images(tiny_root):
-    spec = ClientSpec(**{**_spec(tiny_root, epochs=1).__dict__, "extra_classes": {0: [5]}})
+    spec = dataclasses.replace(_spec(tiny_root, epochs=1), extra_classes={0: [5]})
     content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
     reply = handle_train(content, {"partition-id": 0})
     metrics = reply.metric_records[keys.METRICS_RECORD]
     assert metrics[keys.CLASSES] == [3]  # it registers as its own class ...
     assert metrics[keys.NUM_EXAMPLES] == [120]  # ... trained on 60 own + 60 victim images
+
+
+def test_the_spec_travels_as_a_versioned_record_and_comes_back_equal(tiny_root):
+    spec = _spec(tiny_root)
+    record = json.loads(spec.to_json())
+    assert record["schema"] == "docl-flower/client-spec" and record["version"] == 2
+    # Every field of every component is written out: the client needs no defaults of its own.
+    assert record["train"]["_target_"] == "docl_flower.core.model.TrainSpec"
+    assert record["train"]["min_steps"] == spec.train.min_steps
+    assert ClientSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(version=1), "version 1; this client reads"),
+        (lambda r: r.update(schema="x"), "schema 'x'"),
+        (lambda r: r.pop("seed"), "keys"),
+        (lambda r: r.update(extra=1), "keys"),
+        (lambda r: r["train"].pop("min_steps"), r"train record has keys"),
+        (lambda r: r["train"].update(lr_typo=1), r"train record has keys"),
+        (lambda r: r["train"].update(min_steps=1.5), r"train\.min_steps must be an int"),
+        (lambda r: r["model"].update(hidden=float("nan")), r"model\.hidden"),
+        (lambda r: r["model"].update(_target_="os.system"), "not a registered component"),
+        (lambda r: r.update(assignment={"x": [3]}), "assignment keys must be user ids"),
+        (lambda r: r.update(fraction={"0": 2.0}), "fraction"),
+        (lambda r: r.update(stats=[1]), "stats must be a record"),
+        (lambda r: r.update(train=[]), "train must be a record"),
+    ],
+)
+def test_a_record_off_the_schema_is_refused_with_its_reason(tiny_root, change, message):
+    record = json.loads(_spec(tiny_root).to_json())
+    change(record)
+    with pytest.raises(ValueError, match=message):
+        ClientSpec.from_json(json.dumps(record))
+
+
+@pytest.mark.parametrize("text", ["", "{", "[1, 2]", "null", "[" * 100_000])
+def test_a_spec_that_is_not_a_record_is_refused(text):
+    with pytest.raises(ValueError, match="client spec"):
+        ClientSpec.from_json(text)

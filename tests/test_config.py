@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.pipeline.client_spec import ClientSpec
 from docl_flower.federation.components import build_experiment
 
 from .conftest import PROJECT_ROOT
@@ -33,7 +33,8 @@ def test_every_config_option_composes_and_builds(group, option):
     assert exp.assignment
     # What a client receives round-trips through JSON to the same typed objects.
     spec = ClientSpec.from_json(exp.client_spec.to_json())
-    assert spec.model_spec() == exp.model and spec.train_spec() == exp.train
+    assert spec == exp.client_spec
+    assert spec.model == exp.model and spec.train == exp.train and spec.dataset == exp.dataset
 
 
 def test_command_line_overrides_reach_the_typed_objects():

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord, RecordDict
 from hydra import compose, initialize_config_dir
 
+from docl_flower.core.data.idx import IdxDataset
 from docl_flower.core.evaluation.results import RunResult
-from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.features.extractors import Identity
+from docl_flower.core.pipeline.client_spec import ClientSpec
 from docl_flower.core.training.autoencoder import (
     Autoencoder,
     AutoencoderSpec,
@@ -218,20 +220,14 @@ def test_dp_training_runs_inside_the_flower_client_and_its_upload_validates(tiny
     # Prepare: the ClientApp's logic, in-process, with train.dp.epsilon set.
     spec = ClientSpec(
         seed=11,
-        dataset={
-            "_target_": "docl_flower.core.data.IdxDataset",
-            "name": "mnist",
-            "root": str(tiny_root / "mnist"),
-            "verify": False,
-        },
-        features={"_target_": "docl_flower.core.features.Identity"},
-        model={"_target_": "docl_flower.core.model.AutoencoderSpec", "hidden": 8},
-        train={
-            "_target_": "docl_flower.core.model.TrainSpec",
-            "epochs": EPOCHS,
-            "batch_size": 16,  # 60 images: 4 batches
-            "dp": {"epsilon": 4.0, "delta": 1e-5},
-        },
+        dataset=IdxDataset("mnist", str(tiny_root / "mnist"), verify=False),
+        features=Identity(),
+        model=AutoencoderSpec(hidden=8),
+        train=TrainSpec(
+            epochs=EPOCHS,
+            batch_size=16,  # 60 images: 4 batches
+            dp=DpSpec(epsilon=4.0, delta=1e-5),
+        ),
         assignment={0: [3]},
     )
     content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
@@ -242,7 +238,7 @@ def test_dp_training_runs_inside_the_flower_client_and_its_upload_validates(tiny
     assert 0 < metrics[keys.DP_EPSILON] <= 4.0
     assert metrics[keys.DP_DELTA] == pytest.approx(1e-5)
     assert metrics[keys.DP_NOISE_MULTIPLIER] > 0
-    rules = UploadRules(AutoencoderSpec(hidden=8).shapes(784), max_error=784.0)
+    rules = UploadRules.for_autoencoder(AutoencoderSpec(hidden=8), 784)
     user, (reg,) = parse_upload(answer, {0: (3,)}, rules)
     assert user == 0 and reg.num_examples == 60
     strat = RegisterOnce({0: (3,)}, rules)
@@ -308,7 +304,7 @@ def test_dp_overrides_reach_the_client_spec_and_the_default_is_off():
     exp = build_experiment(_compose(["train.dp.epsilon=8", "train.dp.delta=null"]))
     assert isinstance(exp.train, TrainSpec)
     assert exp.train.dp == DpSpec(epsilon=8.0, delta=None)
-    assert ClientSpec.from_json(exp.client_spec.to_json()).train_spec() == exp.train
+    assert ClientSpec.from_json(exp.client_spec.to_json()).train == exp.train
     dp_recipe = build_experiment(_compose(["train=dp"]))
     assert isinstance(dp_recipe.train, TrainSpec) and dp_recipe.train.dp.enabled
 

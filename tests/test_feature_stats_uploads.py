@@ -23,7 +23,8 @@ from docl_flower.core.data.idx import IdxDataset
 from docl_flower.core.data.partitions import class_indices
 from docl_flower.core.data.seeds import derive_seed
 from docl_flower.core.features.extractors import Identity
-from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.pipeline.client_spec import ClientSpec
+from docl_flower.core.training.autoencoder import AutoencoderSpec, TrainSpec
 from docl_flower.federation import keys
 from docl_flower.federation.client_tasks import handle_train
 from docl_flower.federation.stats_uploads import StatsRules, parse_stats_upload
@@ -251,27 +252,22 @@ def test_the_client_task_uploads_the_statistics_of_its_own_images(tiny_root):
     # Prepare
     spec = ClientSpec(
         seed=11,
-        dataset={
-            "_target_": "docl_flower.core.data.IdxDataset",
-            "name": "mnist",
-            "root": str(tiny_root / "mnist"),
-            "verify": False,
-        },
-        features={"_target_": "docl_flower.core.features.Identity"},
-        model={"_target_": "docl_flower.core.model.AutoencoderSpec", "hidden": 8},
-        train={"_target_": "docl_flower.core.model.TrainSpec", "epochs": 1},
+        dataset=IdxDataset("mnist", str(tiny_root / "mnist"), verify=False),
+        features=Identity(),
+        model=AutoencoderSpec(hidden=8),
+        train=TrainSpec(epochs=1),
         assignment={0: [3]},
         task="feature_stats",
-        options={"covariance": "diag", "components": 2},
+        stats=StatsSpec(covariance="diag", components=2),
     )
     content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
     # Execute: the ClientApp's logic, and the same statistics computed centrally.
     reply_content = handle_train(content, {"partition-id": 0})
     images, labels = IdxDataset("mnist", str(tiny_root / "mnist"), verify=False).load("train")
     x = Identity()(images[class_indices(labels, 3)]).numpy()
-    central = fit_class_stats(x, spec.stats_spec(), derive_seed(11, 0, 3), 0, 3)
+    central = fit_class_stats(x, spec.stats, derive_seed(11, 0, 3), 0, 3)
     # Assert
-    rules = StatsRules(StatsLimits(spec.stats_spec(), 784))
+    rules = StatsRules(StatsLimits(spec.stats, 784))
     user, (stats,) = parse_stats_upload(reply_content, {0: (3,)}, rules)
     assert user == 0 and stats.label == 3 and stats.num_examples == 60
     for name in TENSOR_NAMES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from docl_flower.core.common.registry import UnknownComponentError
 from docl_flower.core.pipeline import components
-from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.pipeline.client_spec import ClientSpec
 from docl_flower.core.training.autoencoder import AutoencoderSpec, TrainSpec, train_autoencoder
 from docl_flower.federation import keys
 from docl_flower.federation.client_tasks import TASKS, handle_train
@@ -51,8 +52,9 @@ def test_registered_names_still_build():
     assert callable(make)
 
 
-def _message(spec: ClientSpec) -> RecordDict:
-    return RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
+def _message(spec: ClientSpec | dict) -> RecordDict:
+    text = spec.to_json() if isinstance(spec, ClientSpec) else json.dumps(spec)
+    return RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: text})})
 
 
 def test_a_message_naming_a_task_outside_the_registry_is_refused(tiny_root, tmp_path):
@@ -69,9 +71,9 @@ def test_a_message_naming_a_task_outside_the_registry_is_refused(tiny_root, tmp_
 def test_a_message_naming_code_in_a_component_is_refused_before_it_runs(tiny_root, tmp_path, field):
     target, nodes = hostile_nodes(tmp_path)
     for node in nodes:
-        spec = dataclasses.replace(_spec(tiny_root), **{field: node})
+        record = {**_spec(tiny_root).to_record(), field: node}  # a hostile server's record
         with pytest.raises(ValueError, match="not a registered component"):
-            handle_train(_message(spec), {"partition-id": 0})
+            handle_train(_message(record), {"partition-id": 0})
     assert not target.exists()
 
 

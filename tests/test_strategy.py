@@ -12,7 +12,7 @@ from docl_flower.federation.strategy import RegisterOnce
 from docl_flower.federation.uploads import UploadError, UploadRules, parse_upload
 
 DIM, HIDDEN = 12, 3
-RULES = UploadRules(shapes=AutoencoderSpec(hidden=HIDDEN).shapes(DIM), max_error=float(DIM))
+RULES = UploadRules.for_autoencoder(AutoencoderSpec(hidden=HIDDEN), DIM)
 ASSIGNMENT = {0: (0,), 1: (1,), 2: (2,), 3: (3,), 4: (4, 5)}
 
 

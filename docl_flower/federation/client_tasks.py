@@ -24,7 +24,7 @@ from docl_flower.core.baselines.fedpft import fit_class_stats
 from docl_flower.core.common.logs import setup_logging
 from docl_flower.core.data.base import ImageDataset, load_cached
 from docl_flower.core.data.seeds import derive_seed
-from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.pipeline.client_spec import ClientSpec
 from docl_flower.core.pipeline.inputs import split_features
 from docl_flower.core.pipeline.user_fit import fit_user
 from docl_flower.core.training.autoencoder import AutoencoderSpec, state_to_numpy
@@ -66,7 +66,7 @@ def _load(
 ) -> tuple[ImageDataset, NDArray[np.uint8], NDArray[np.int64]]:
     """The training data set of this node (from its ``data-dir`` when the operator set one)."""
     data_dir = node_config.get(keys.NODE_DATA_DIR)
-    dataset = spec.dataset_obj(str(data_dir) if data_dir is not None else None)
+    dataset = spec.with_data_root(str(data_dir) if data_dir is not None else None)
     images, labels = load_cached(dataset, "train")
     return dataset, images, labels
 
@@ -162,12 +162,12 @@ def train_classifier(
     config = content.config_records[keys.CONFIG_RECORD]
     server_round = int(str(config.get("server-round", 0)))
     proximal_mu = float(str(config.get("proximal-mu", 0.0)))
-    model_spec, sgd = spec.model_spec(), spec.train_spec()
+    model_spec, sgd = spec.model, spec.train
     if isinstance(model_spec, AutoencoderSpec) or not isinstance(sgd, SgdSpec):
         raise ValueError("the classifier task needs a classifier model and SGD")
     dataset, images, labels = _load(spec, node_config)
     idx = spec.user_indices(user, labels)
-    x = split_features(dataset, spec.features_obj(), "train", idx, images).features
+    x = split_features(dataset, spec.features, "train", idx, images).features
     y = torch.as_tensor(labels[idx])
     model = model_spec.build(int(x.shape[1]))
     model.load_state_dict(content.array_records[keys.ARRAYS_RECORD].to_torch_state_dict())
@@ -198,12 +198,14 @@ def train_feature_stats(
     """One-shot feature statistics (after FedPFT): a Gaussian (mixture) per class, uploaded once.
 
     Per class the user owns: the statistics of its features (:class:`StatsSpec` from the
-    spec's options) and the mean and std of held-out log-likelihoods of its own images, which
+    spec's ``stats``) and the mean and std of held-out log-likelihoods of its own images, which
     the server's Guard uses as DOCL uses ``mu``, ``sigma``. Nothing is trained or received.
     """
-    stats_spec = spec.stats_spec()
+    stats_spec = spec.stats
+    if stats_spec is None:
+        raise ValueError("the feature_stats task needs the statistics' options (spec.stats)")
     dataset, images, labels = _load(spec, node_config)
-    features = spec.features_obj()
+    features = spec.features
     arrays: dict[str, Array] = {}
     means: list[float] = []
     stds: list[float] = []

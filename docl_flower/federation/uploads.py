@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from docl_flower.core.filter.global_filter import Registration
-from docl_flower.core.training.autoencoder import PARAM_NAMES
+from docl_flower.core.training.autoencoder import PARAM_NAMES, AutoencoderSpec
 
 from . import keys
 
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 #: Largest ``num-examples`` accepted (more images than any user can hold).
 MAX_EXAMPLES = 10**9
+
+
+#: The largest squared difference of one feature and its reconstruction, both in [0, 1].
+MAX_SQUARED_DIFFERENCE = 1.0
 
 
 class UploadError(ValueError):
@@ -55,6 +59,16 @@ class UploadRules:
     max_error: float
     min_std: float = 1e-6
     max_abs_param: float = 1e3
+
+    @classmethod
+    def for_autoencoder(cls, spec: AutoencoderSpec, dim: int) -> UploadRules:
+        """The rules of ``spec``'s autoencoders on ``dim`` features.
+
+        Features and the decoder's sigmoid output both lie in [0, 1], so each of the ``dim``
+        squared differences of eq. 6 is at most :data:`MAX_SQUARED_DIFFERENCE`: no honest
+        ``mu`` or ``sigma`` exceeds ``dim`` times it.
+        """
+        return cls(shapes=spec.shapes(dim), max_error=dim * MAX_SQUARED_DIFFERENCE)
 
 
 def records(content: object, kind: str) -> Mapping[str, object]:

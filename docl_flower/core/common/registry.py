@@ -63,6 +63,13 @@ class Registry:
         """The registered names of ``group``."""
         return sorted(self._tables.get(group, {}))
 
+    def name_of(self, group: str, factory: Factory) -> str:
+        """The name ``factory`` is registered under in ``group`` (the first, sorted)."""
+        for name, made in sorted(self._tables.get(group, {}).items()):
+            if made is factory:
+                return name
+        raise UnknownComponentError(f"{group}: {factory!r} is not a registered component")
+
     def factory(self, group: str, name: object) -> Factory:
         """The component registered as ``name`` in ``group``; raises for any other name."""
         table = self._tables.get(group, {})

@@ -42,6 +42,9 @@ MAX_ALPHA = 10.0
 DEFAULT_MAX_BLOCK_SHARE = 0.02
 #: Default number of harmless probe images (``strategy.probe_images``).
 DEFAULT_PROBE_IMAGES = 1024
+#: Default number of uniform-noise probe images (``strategy.probe_noise``): a catch-all that
+#: accepts noise is refused even where the harmless images miss it; 64 rows cost little.
+DEFAULT_PROBE_NOISE = 64
 
 
 def reference_scores64(reg: Registration, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +166,7 @@ def probe_set(
     harmless: torch.Tensor | None,
     dim: int,
     count: int = DEFAULT_PROBE_IMAGES,
-    noise: int = 64,
+    noise: int = DEFAULT_PROBE_NOISE,
     seed: int = 0,
 ) -> ProbeSet:
     """``count`` harmless feature rows (the first ones) and ``noise`` uniform rows in [0, 1]."""

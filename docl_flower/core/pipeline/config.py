@@ -1,7 +1,8 @@
 """The one place where Hydra config is mapped to typed, frozen objects.
 
 ``build_experiment`` turns the composed config into an :class:`Experiment`; the part that a
-client needs travels as JSON (:class:`ClientSpec`) inside the train message's ConfigRecord.
+client needs is a typed :class:`~docl_flower.core.pipeline.client_spec.ClientSpec`, which
+travels as a versioned, schema-checked record inside the train message's ConfigRecord.
 """
 
 from __future__ import annotations
@@ -9,43 +10,40 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-import json
 import math
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
-import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from numpy.typing import NDArray
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from docl_flower.core.baselines.classifiers import ClassifierSpec, Cnn, Mlp2NN, SgdSpec
+from docl_flower.core.baselines.classifiers import Cnn, Mlp2NN, SgdSpec
 from docl_flower.core.baselines.fedpft import StatsSpec
 from docl_flower.core.common.checks import check_int, check_number
 from docl_flower.core.common.install import PACKAGE_ROOT, project_root
 from docl_flower.core.common.registry import Registry
 from docl_flower.core.data.base import ImageDataset
 from docl_flower.core.data.catalog import as_image_dataset
-from docl_flower.core.data.partitions import Partition, class_indices, user_class_indices
+from docl_flower.core.data.partitions import Partition
 from docl_flower.core.features.extractors import FeatureExtractor
 from docl_flower.core.filter.global_filter import GUARDS, SIDES, Guard, ScoringConfig, make_guard
 from docl_flower.core.filter.probe import DEFAULT_MAX_ALPHA, MAX_ALPHA
+from docl_flower.core.pipeline.client_spec import (
+    ClientSpec,
+    ModelSpec,
+    TrainRecipe,
+    check_fields,
+)
 from docl_flower.core.pipeline.components import COMPONENTS
 from docl_flower.core.pipeline.resources import SimulationSpec
 from docl_flower.core.training.autoencoder import AutoencoderSpec, TrainSpec
 from docl_flower.core.training.recipes import build_augment, build_optimizer, build_scheduler
-
-#: What the ``model`` group builds: DOCL's autoencoder or a baseline's classifier.
-ModelSpec = AutoencoderSpec | ClassifierSpec
-#: What the ``train`` group builds: DOCL's recipe or the baselines' SGD.
-TrainRecipe = TrainSpec | SgdSpec
-
 
 #: ``dataset.harmless`` value: the photos of the classes (people) no user registered.
 UNREGISTERED = "unregistered"
@@ -63,11 +61,11 @@ class WorkflowSpec(Protocol):
 
 
 @runtime_checkable
-class ClientOptionsSpec(Protocol):
-    """A workflow whose clients' task takes options (sent in :attr:`ClientSpec.options`)."""
+class ClientStatsSpec(Protocol):
+    """A workflow whose clients fit feature statistics (sent in :attr:`ClientSpec.stats`)."""
 
-    def client_options(self) -> dict[str, Any]:
-        """The task's options as JSON-ready data."""
+    def stats_spec(self) -> StatsSpec:
+        """What each client fits."""
         ...
 
 
@@ -76,13 +74,6 @@ def _container(node: object) -> Mapping[str, object]:
     if not isinstance(data, Mapping):
         raise ValueError(f"expected a config mapping, got {type(data).__name__}")
     return {str(k): v for k, v in data.items()}
-
-
-#: Lower bounds of integer fields whose classes do not name the field when they reject it.
-_MINIMUM: dict[object, dict[str, int]] = {
-    ScoringConfig: {"chunk_images": 1, "chunk_models": 1},
-    Partition: {"num_users": 1, "classes_per_user": 1},
-}
 
 
 def _one_line(err: BaseException) -> str:
@@ -125,31 +116,6 @@ def _fields(
         return make, []
 
 
-def _check_fields(make: object, data: Mapping[str, object]) -> None:
-    """Check the plain-typed fields of a dataclass component before it is built.
-
-    ``int`` fields need an int (not a bool, not a float), ``float`` fields a finite number,
-    ``bool`` fields a bool and ``str`` fields a string; :data:`_MINIMUM` adds lower bounds.
-    Messages start with the field name.
-    """
-    if not (isinstance(make, type) and dataclasses.is_dataclass(make)):
-        return
-    bounds = _MINIMUM.get(make, {})
-    for f in dataclasses.fields(make):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        if kind == "int":
-            check_int(f.name, value, bounds.get(f.name))
-        elif kind == "float":
-            check_number(f.name, value)
-        elif kind == "bool" and not isinstance(value, bool):
-            raise ValueError(f"{f.name} must be true or false, got {value!r}")
-        elif kind == "str" and not isinstance(value, str):
-            raise ValueError(f"{f.name} must be a string, got {value!r}")
-
-
 def _spec(
     group: str, node: object, key: str | None = None, components: Registry = COMPONENTS
 ) -> object:
@@ -164,92 +130,10 @@ def _spec(
     try:
         data = _container(node)
         make, names = _fields(group, data, components)
-        _check_fields(make, data)
+        check_fields(make, data)
         return components.build(group, data)
     except (ValueError, TypeError) as err:
         raise ValueError(_keyed(key or group, names, err)) from err
-
-
-@dataclass(frozen=True)
-class ClientSpec:
-    """Everything a client needs to train its autoencoder(s); JSON-serialisable."""
-
-    seed: int
-    dataset: dict[str, Any]
-    features: dict[str, Any]
-    model: dict[str, Any]
-    train: dict[str, Any]
-    assignment: dict[int, list[int]]
-    fraction: dict[int, float] = field(default_factory=dict)
-    extra_classes: dict[int, list[int]] = field(default_factory=dict)
-    shards: int = 0
-    task: str = "docl"
-    #: Options of the task that the workflow sends (feature statistics: a :class:`StatsSpec`).
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        """Serialise (integer keys become strings)."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ClientSpec:
-        """Parse what :meth:`to_json` wrote."""
-        raw = json.loads(text)
-        raw["assignment"] = {int(k): [int(c) for c in v] for k, v in raw["assignment"].items()}
-        raw["fraction"] = {int(k): float(v) for k, v in raw.get("fraction", {}).items()}
-        raw["extra_classes"] = {
-            int(k): [int(c) for c in v] for k, v in raw.get("extra_classes", {}).items()
-        }
-        return cls(**raw)
-
-    def model_spec(self) -> ModelSpec:
-        """The architecture as a typed object (a classifier spec for the baselines)."""
-        return _as_model(_spec("model", self.model))
-
-    def train_spec(self) -> TrainRecipe:
-        """The training recipe as a typed object."""
-        return _as_train(_spec("train", self.train))
-
-    def stats_spec(self) -> StatsSpec:
-        """The feature-statistics options of the ``feature_stats`` task as a typed object."""
-        return StatsSpec(**self.options)
-
-    def dataset_obj(self, root: str | None = None) -> ImageDataset:
-        """The training data set, optionally read from a node-local folder."""
-        cfg = dict(self.dataset)
-        if root is not None:
-            cfg["root"] = root
-        return _as_dataset(_spec("dataset", cfg))
-
-    def features_obj(self) -> FeatureExtractor:
-        """The feature extractor."""
-        return _as_features(_spec("features", self.features))
-
-    def class_user_indices(
-        self, user: int, cls: int, labels: NDArray[np.int64]
-    ) -> NDArray[np.int64]:
-        """Training indices of class ``cls`` that ``user`` holds (shard and fraction applied)."""
-        return user_class_indices(
-            labels,
-            cls,
-            user,
-            seed=self.seed,
-            shards=self.shards,
-            fraction=self.fraction.get(user, 1.0),
-        )
-
-    def user_indices(self, user: int, labels: NDArray[np.int64]) -> NDArray[np.int64]:
-        """All training indices of ``user``'s partition."""
-        return np.concatenate(
-            [self.class_user_indices(user, c, labels) for c in self.assignment[user]]
-        )
-
-    def training_indices(self, user: int, cls: int, labels: NDArray[np.int64]) -> NDArray[np.int64]:
-        """What ``user`` trains its class-``cls`` autoencoder on (plus any extra classes)."""
-        return np.concatenate(
-            [self.class_user_indices(user, cls, labels)]
-            + [class_indices(labels, v) for v in self.extra_classes.get(user, [])]
-        )
 
 
 def _wrong(key: str, value: object) -> ValueError:
@@ -607,25 +491,26 @@ def _build_experiment(cfg: DictConfig, check_recipe: bool, components: Registry)
     _check_combination(workflow, model, train, num_classes)
     features_cfg = dict(_container(container["features"]))
     guard, max_alpha = _build_guard(container["guard"])
+    features = _as_features(_spec("features", features_cfg))
     client_spec = ClientSpec(
         seed=seed,
-        dataset=dataset_cfg,
-        features=features_cfg,
-        model=model_cfg,
-        train=train_cfg,
+        dataset=dataset,
+        features=features,
+        model=model,
+        train=train,
         assignment={u: list(cs) for u, cs in assignment.items()},
         fraction={int(k): float(v) for k, v in partition.fraction.items()},
         extra_classes={int(k): [int(c) for c in v] for k, v in partition.extra_classes.items()},
         shards=partition.shards,
         task=str(workflow.CLIENT_TASK),
-        options=workflow.client_options() if isinstance(workflow, ClientOptionsSpec) else {},
+        stats=workflow.stats_spec() if isinstance(workflow, ClientStatsSpec) else None,
     )
     return Experiment(
         seed=seed,
         num_classes=num_classes,
         dataset=dataset,
         harmless=harmless,
-        features=_as_features(_spec("features", features_cfg)),
+        features=features,
         partition=partition,
         model=model,
         train=train,

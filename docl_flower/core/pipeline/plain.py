@@ -23,7 +23,8 @@ from docl_flower.core.data.base import load_cached
 from docl_flower.core.data.partitions import owner_shards
 from docl_flower.core.evaluation.metrics import ALPHA_GRID, Evaluation, evaluate
 from docl_flower.core.filter.global_filter import GlobalFilter, Registration
-from docl_flower.core.pipeline.config import ClientSpec, Experiment
+from docl_flower.core.pipeline.client_spec import ClientSpec
+from docl_flower.core.pipeline.config import Experiment
 from docl_flower.core.pipeline.inputs import server_sets
 from docl_flower.core.pipeline.user_fit import fit_user
 from docl_flower.core.training.autoencoder import state_to_numpy
@@ -42,7 +43,7 @@ class UserFit:
 def train_user(spec: ClientSpec, user: int) -> UserFit:
     """Train ``user``'s autoencoder(s) as the ClientApp does (:func:`.device.fit_user`)."""
     start = time.perf_counter()
-    dataset = spec.dataset_obj()
+    dataset = spec.dataset
     images, labels = load_cached(dataset, "train")
     loaded = time.perf_counter()
     regs = [

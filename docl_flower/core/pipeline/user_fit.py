@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from docl_flower.core.data.base import ImageDataset
 from docl_flower.core.data.seeds import derive_seed
-from docl_flower.core.pipeline.config import ClientSpec
+from docl_flower.core.pipeline.client_spec import ClientSpec
 from docl_flower.core.pipeline.inputs import split_features
 from docl_flower.core.training.autoencoder import AutoencoderSpec, TrainSpec
 from docl_flower.core.training.calibration import Calibrated, train_and_calibrate
@@ -73,10 +73,10 @@ def fit_user(
     ``images``, ``labels``: the training split of ``dataset`` (loaded by the caller, once per
     process). Features come from the feature cache or are extracted here, for these rows only.
     """
-    model_spec, train_spec = spec.model_spec(), spec.train_spec()
+    model_spec, train_spec = spec.model, spec.train
     if not isinstance(model_spec, AutoencoderSpec) or not isinstance(train_spec, TrainSpec):
         raise ValueError("the DOCL task needs an autoencoder model and its training recipe")
-    features = spec.features_obj()
+    features = spec.features
     out = []
     for c in spec.assignment[user]:
         idx = spec.training_indices(user, c, labels)

@@ -30,7 +30,7 @@ from docl_flower.core.training.autoencoder import AutoencoderSpec
 
 from .. import keys
 from ..grids import CountingGrid
-from . import held_test_set
+from . import held_test_set, steps
 from .settings import MAX_EPOCHS, MAX_ROUNDS, check_flower_strategy, check_timeout
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class FederatedClassifier:
     CLIENT_TASK: ClassVar[str] = "classifier"
     strategy: Mapping[str, Any] = field(default_factory=dict)
     num_rounds: int = 20
-    timeout_s: float = 3600.0
+    timeout_s: float = steps.DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         check_int("num_rounds", self.num_rounds, minimum=1, maximum=MAX_ROUNDS)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from docl_flower.core.data.partitions import owner_shards
@@ -22,19 +21,17 @@ from docl_flower.core.filter.lock import FilterLockedError, check_wait, run_lock
 from docl_flower.core.filter.probe import (
     DEFAULT_MAX_BLOCK_SHARE,
     DEFAULT_PROBE_IMAGES,
+    DEFAULT_PROBE_NOISE,
     ProbeCheck,
-    probe_set,
 )
 from docl_flower.core.filter.store import PersistentFilter
 from docl_flower.core.pipeline.config import Experiment
-from docl_flower.core.pipeline.inputs import server_sets
 from docl_flower.core.training.autoencoder import AutoencoderSpec
 
-from .. import keys
-from ..grids import StreamingGrid
-from ..nodes import is_simulation, load_bindings
+from ..nodes import is_simulation
 from ..strategy import RegisterOnce
 from ..uploads import UploadError, UploadRules
+from . import steps
 from .settings import check_path, check_registration_settings
 
 log = logging.getLogger(__name__)
@@ -45,13 +42,13 @@ class Docl:
     """DOCL: register every user's autoencoder(s) once, compose and evaluate the global filter."""
 
     CLIENT_TASK: ClassVar[str] = "docl"
-    node_wait_s: float = 120.0
-    timeout_s: float = 3600.0
+    node_wait_s: float = steps.DEFAULT_NODE_WAIT_S
+    timeout_s: float = steps.DEFAULT_TIMEOUT_S
     filter_path: str | None = None
     replace_existing: bool = False
     bindings_path: str | None = None
     probe_images: int = DEFAULT_PROBE_IMAGES
-    probe_noise: int = 64
+    probe_noise: int = DEFAULT_PROBE_NOISE
     max_block_share: float = DEFAULT_MAX_BLOCK_SHARE
     #: How long a run waits for another run that writes the same filter (seconds; 0: it fails
     #: at once, in one line that names the other run). See :mod:`~docl_flower.core.filter.lock`.
@@ -104,15 +101,16 @@ class Docl:
     def _run(self, grid: Grid, exp: Experiment, store: PersistentFilter, began: float) -> RunResult:
         if not isinstance(exp.model, AutoencoderSpec):
             raise ValueError(f"DOCL trains autoencoders; model is a {type(exp.model).__name__}")
-        bindings = load_bindings(self.bindings_path) if self.bindings_path else None
-        sets = server_sets(exp)
-        x_test, y_test, harmless = sets.x_test, sets.y_test, sets.harmless
-        dim = int(x_test.shape[1])
-        rules = UploadRules(shapes=exp.model.shapes(dim), max_error=float(dim))
-        filter_dir = store.folder
+        prepared = steps.prepare(
+            exp,
+            bindings_path=self.bindings_path,
+            probe_images=self.probe_images,
+            probe_noise=self.probe_noise,
+            began=began,
+        )
         spec = exp.client_spec
         probe = ProbeCheck(
-            probe_set(harmless, dim, self.probe_images, self.probe_noise, exp.seed),
+            prepared.probe,
             max_alpha=exp.max_alpha,
             scoring=exp.scoring,
             max_block_share=self.max_block_share,
@@ -138,77 +136,41 @@ class Docl:
 
         strategy = RegisterOnce(
             exp.assignment,
-            rules,
+            UploadRules.for_autoencoder(exp.model, prepared.dim),
             node_wait_s=self.node_wait_s,
             existing_users=store.users,
             replace_existing=self.replace_existing,
             on_register=persist,
-            bindings=bindings,
-            assign_nodes=bindings is None and is_simulation(grid),
+            bindings=prepared.bindings,
+            assign_nodes=prepared.bindings is None and is_simulation(grid),
             vet=vet,
         )
-        config = ConfigRecord({keys.SPEC: spec.to_json()})
-        if store.users and not self.replace_existing:
-            config[keys.REGISTERED_USERS] = sorted(store.users)
-        set_up = time.time()
-        # While clients train (in a simulation: on the same cores), the server's checks are
-        # small products: with 2+ OpenMP threads they stall at barriers whenever a client holds
-        # a core (measured: 84 ms per probe check instead of 4 ms). One thread until the last
-        # reply; the evaluation uses them all again.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            strategy.start(
-                grid=StreamingGrid(grid, strategy.handle_reply),
-                initial_arrays=ArrayRecord(),
-                num_rounds=1,
-                timeout=self.timeout_s,
-                train_config=config,
-            )
-        finally:
-            torch.set_num_threads(threads)
+        skip = () if self.replace_existing else store.users
+        timeline = steps.register_once(grid, strategy, exp, self.timeout_s, skip)
         outcome = strategy.outcome
-        replied = time.time()
         regs = store.registrations
         if not regs:
             raise RuntimeError(f"no autoencoder was registered; failures: {outcome.failed}")
         flt = GlobalFilter(sorted(regs, key=lambda r: (r.label, r.user_id)), exp.scoring)
+        sets = prepared.sets
         owners = None
         if exp.partition.sharded_classes:
             owners = torch.from_numpy(
-                owner_shards(y_test.numpy(), exp.assignment, exp.partition.shards, exp.seed)
+                owner_shards(sets.y_test.numpy(), exp.assignment, exp.partition.shards, exp.seed)
             )
-        ev = evaluate(flt, exp.guard, x_test, y_test, harmless, ALPHA_GRID, owners)
-        sent = outcome.sent_at or set_up
-        last = max(outcome.registered_at.values(), default=sent)
-        phases = {
-            "setup": set_up - began,
-            "wait_for_nodes": sent - set_up,
-            "registration": last - sent,
-            "server_handling": outcome.handling_seconds,
-            "after_last_reply": replied - last,
-            "evaluation": time.time() - replied,
-        }
-        return RunResult(
-            method="docl",
-            overall_accuracy=ev.overall_accuracy,
-            per_class_accuracy={str(k): v for k, v in ev.per_class_accuracy.items()},
-            alpha=ev.alpha,
-            guard=type(exp.guard).__name__,
-            guarded_accuracy=ev.guarded_accuracy,
-            acceptance_rate=ev.acceptance_rate,
-            ood_auroc=ev.ood_auroc,
-            guard_curve=list(ev.guard_curve),
+        ev = evaluate(flt, exp.guard, sets.x_test, sets.y_test, sets.harmless, ALPHA_GRID, owners)
+        return steps.guarded_result(
+            "docl",
+            exp,
+            ev,
+            flt.labels,
+            prepared,
+            timeline,
+            outcome,
             owner_accuracy=ev.owner_accuracy,
             owner_guarded_accuracy=ev.owner_guarded_accuracy,
-            phase_seconds=phases,
-            num_test_images=int(torch.isin(y_test, flt.labels).sum()),
-            num_harmless_images=None if harmless is None else int(harmless.shape[0]),
             already_registered=sorted(outcome.skipped),
             filter_users=sorted({r.user_id for r in regs}),
-            bindings_enforced=bindings is not None,
-            **outcome.result_fields(),
-            filter_path=str(filter_dir),
+            filter_path=str(store.folder),
             scoring_kernel=flt.kernel,
-            feature_fallbacks=sets.fallbacks,
         )

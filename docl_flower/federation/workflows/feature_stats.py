@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from docl_flower.core.baselines.fedpft import (
@@ -31,16 +29,18 @@ from docl_flower.core.baselines.fedpft import (
 )
 from docl_flower.core.evaluation.metrics import ALPHA_GRID, evaluate
 from docl_flower.core.evaluation.results import RunResult
-from docl_flower.core.filter.probe import DEFAULT_MAX_BLOCK_SHARE, DEFAULT_PROBE_IMAGES, probe_set
+from docl_flower.core.filter.probe import (
+    DEFAULT_MAX_BLOCK_SHARE,
+    DEFAULT_PROBE_IMAGES,
+    DEFAULT_PROBE_NOISE,
+)
 from docl_flower.core.pipeline.config import Experiment
-from docl_flower.core.pipeline.inputs import server_sets
 
-from .. import keys
-from ..grids import StreamingGrid
-from ..nodes import is_simulation, load_bindings
+from ..nodes import is_simulation
 from ..stats_uploads import StatsRules, parse_stats_upload
 from ..strategy import RegisterOnce
 from ..uploads import UploadError
+from . import steps
 from .settings import check_registration_settings
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,11 @@ class FeatureStats:
     classifier_hidden: int = 0
     classifier_epochs: int = 30
     classifier_lr: float = 1e-2
-    node_wait_s: float = 120.0
-    timeout_s: float = 3600.0
+    node_wait_s: float = steps.DEFAULT_NODE_WAIT_S
+    timeout_s: float = steps.DEFAULT_TIMEOUT_S
     bindings_path: str | None = None
     probe_images: int = DEFAULT_PROBE_IMAGES
-    probe_noise: int = 64
+    probe_noise: int = DEFAULT_PROBE_NOISE
     max_block_share: float = DEFAULT_MAX_BLOCK_SHARE
 
     def __post_init__(self) -> None:
@@ -113,22 +113,18 @@ class FeatureStats:
             lr=self.classifier_lr,
         )
 
-    def client_options(self) -> dict[str, Any]:
-        """The statistics' options, sent to every client in the ClientSpec."""
-        return asdict(self.stats_spec())
-
     def run(self, grid: Grid, exp: Experiment, out_dir: Path) -> RunResult:
         """Register each user's statistics once (validated, probe-checked), then evaluate."""
-        bindings = load_bindings(self.bindings_path) if self.bindings_path else None
-        sets = server_sets(exp)
-        x_test, y_test, harmless = sets.x_test, sets.y_test, sets.harmless
-        dim = int(x_test.shape[1])
-        rules = StatsRules(StatsLimits(self.stats_spec(), dim))
-        probe = probe_set(harmless, dim, self.probe_images, self.probe_noise, exp.seed)
-        guard = exp.guard
+        prepared = steps.prepare(
+            exp,
+            bindings_path=self.bindings_path,
+            probe_images=self.probe_images,
+            probe_noise=self.probe_noise,
+        )
+        rules = StatsRules(StatsLimits(self.stats_spec(), prepared.dim))
 
         def vet(stats: ClassStats) -> None:
-            problem = probe_problem(stats, probe, exp.max_alpha, self.max_block_share)
+            problem = probe_problem(stats, prepared.probe, exp.max_alpha, self.max_block_share)
             if problem is not None:
                 raise UploadError(f"class {stats.label}: {problem}")
 
@@ -136,46 +132,36 @@ class FeatureStats:
             exp.assignment,
             None,
             node_wait_s=self.node_wait_s,
-            bindings=bindings,
-            assign_nodes=bindings is None and is_simulation(grid),
+            bindings=prepared.bindings,
+            assign_nodes=prepared.bindings is None and is_simulation(grid),
             vet=vet,
             parse=functools.partial(parse_stats_upload, rules=rules),
         )
-        strategy.start(
-            grid=StreamingGrid(grid, strategy.handle_reply),
-            initial_arrays=ArrayRecord(),
-            num_rounds=1,
-            timeout=self.timeout_s,
-            train_config=ConfigRecord({keys.SPEC: exp.client_spec.to_json()}),
-        )
+        timeline = steps.register_once(grid, strategy, exp, self.timeout_s)
         outcome = strategy.outcome
         stats = sorted(outcome.registrations, key=lambda s: (s.label, s.user_id))
         if not stats:
             raise RuntimeError(f"no statistics were registered; failures: {outcome.failed}")
+        sets = prepared.sets
         flt = LikelihoodFilter(stats)
-        ev = evaluate(flt, guard, x_test, y_test, harmless, ALPHA_GRID)
+        ev = evaluate(flt, exp.guard, sets.x_test, sets.y_test, sets.harmless, ALPHA_GRID)
         classifier = train_sampled_classifier(stats, self.classifier_spec(), exp.seed)
-        sampled, sampled_per_class = class_accuracy(classifier.predict(x_test), y_test, flt.labels)
+        sampled, per_class = class_accuracy(
+            classifier.predict(sets.x_test), sets.y_test, flt.labels
+        )
         log.info(
             "likelihood classifier %.4f, sampled-feature classifier %.4f",
             ev.overall_accuracy,
             sampled,
         )
-        return RunResult(
-            method="feature_stats",
-            overall_accuracy=ev.overall_accuracy,
-            per_class_accuracy={str(k): v for k, v in ev.per_class_accuracy.items()},
-            alpha=ev.alpha,
-            guard=type(guard).__name__,
-            guarded_accuracy=ev.guarded_accuracy,
-            acceptance_rate=ev.acceptance_rate,
-            ood_auroc=ev.ood_auroc,
-            guard_curve=list(ev.guard_curve),
+        return steps.guarded_result(
+            "feature_stats",
+            exp,
+            ev,
+            flt.labels,
+            prepared,
+            timeline,
+            outcome,
             sampled_classifier_accuracy=sampled,
-            sampled_classifier_per_class_accuracy={str(k): v for k, v in sampled_per_class.items()},
-            num_test_images=int(torch.isin(y_test, flt.labels).sum()),
-            num_harmless_images=None if harmless is None else int(harmless.shape[0]),
-            bindings_enforced=bindings is not None,
-            **outcome.result_fields(),
-            feature_fallbacks=sets.fallbacks,
+            sampled_classifier_per_class_accuracy={str(k): v for k, v in per_class.items()},
         )
