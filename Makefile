@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint bench scale report recipes figures faces compare privacy deploy-demo clean
+.PHONY: run test lint docs bench scale report recipes figures faces compare privacy deploy-demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check docl_flower tests scripts
 	$(BIN)/ruff format --check docl_flower tests scripts
 	$(BIN)/mypy
+
+# The documentation site (MkDocs, Material theme) from docs/ and mkdocs.yml, offline and strict:
+# a warning, a broken link or anchor included, fails it. NO_MKDOCS_2_WARNING silences Material's
+# notice about MkDocs 2.0, which is not a warning about these docs.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 report: $(STAMP)
 	$(BIN)/python scripts/report.py $(RESULTS)
