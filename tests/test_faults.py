@@ -90,7 +90,8 @@ def _experiment(path: Path, tiny_root: Path, filter_dir: Path, bindings: Path) -
                 f"strategy.filter_path={filter_dir}",
                 f"strategy.bindings_path={bindings}",
                 "strategy.node_wait_s=90",
-                "strategy.timeout_s=300",  # the killed node's heartbeat verdict must come first, also on a loaded host
+                # the killed node's heartbeat verdict must come first, also on a loaded host
+                "strategy.timeout_s=300",
             ],
         )
     OmegaConf.save(cfg, path, resolve=True)
