@@ -16,12 +16,18 @@ import pytest
 from .conftest import PROJECT_ROOT
 
 PACKAGE = PROJECT_ROOT / "docl_flower"
-LAYERS = ("core", "federation", "operations")
+LAYERS = ("core", "federation", "operations", "experiments")
 #: What each layer may not import: higher layers of the package and (for the core) Flower.
 FORBIDDEN = {
-    "core": ("docl_flower.federation", "docl_flower.operations", "flwr"),
-    "federation": ("docl_flower.operations",),
-    "operations": (),
+    "core": (
+        "docl_flower.federation",
+        "docl_flower.operations",
+        "docl_flower.experiments",
+        "flwr",
+    ),
+    "federation": ("docl_flower.operations", "docl_flower.experiments"),
+    "operations": ("docl_flower.experiments",),
+    "experiments": (),
 }
 
 
