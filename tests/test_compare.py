@@ -1,15 +1,7 @@
-"""The comparison tables and plots are made from results files only."""
+"""The comparison (experiments/compare.py): tables and plots are made from results files only."""
 
-import importlib.util
-
-from docl_flower.core.evaluation.results import RunResult
-
-from .conftest import PROJECT_ROOT
-
-spec = importlib.util.spec_from_file_location("compare", PROJECT_ROOT / "scripts" / "compare.py")
-assert spec is not None and spec.loader is not None
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+from docl_flower.core.evaluation.results import RunResult, write_results
+from docl_flower.experiments import compare
 
 
 def _fake(acc: float, down: int, curve: bool = True, **extra):
@@ -97,7 +89,6 @@ def test_a_partial_rerun_carries_the_previous_rows_over(tmp_path):
     # Execute
     carried = compare.previous_rows(old, ["fedavg", "centralised", "fedprox"])
     md = compare.table({"docl": _fake(0.97, 0)}, carried=carried, order=["docl", *carried])
-    compare.plot({"docl": _fake(0.97, 0)}, tmp_path / "p.png", carried=carried)
     # Assert
     assert sorted(carried) == ["centralised", "fedavg"]
     assert (
@@ -111,3 +102,65 @@ def test_a_partial_rerun_carries_the_previous_rows_over(tmp_path):
         "centralised",
         "fedavg",
     ]
+
+
+def test_a_partial_run_runs_its_rows_reads_the_others_and_carries_the_rest(tmp_path):
+    # Prepare: FedAvg ran before (its results file), the centralised row only in the old table.
+    write_results(tmp_path / "runs" / "fedavg" / "results.json", _fake(0.7, 1000))
+    (tmp_path / "comparison.md").write_text(
+        compare.table({"centralised": _fake(0.98, 0, uploads_raw_images=True)})
+    )
+    stats = _fake(
+        0.9,
+        0,
+        method="feature_stats",
+        sampled_classifier_accuracy=0.85,
+        config={"strategy": {"covariance": "shrunk", "components": 1}},
+    )
+    ran = []
+
+    def runner(overrides, run_dir, reuse):
+        ran.append((run_dir.name, list(overrides), reuse))
+        return stats if run_dir.name == "feature_stats" else _fake(0.97, 0, method="docl")
+
+    settings = compare.CompareSettings(
+        out=tmp_path, dataset="mnist", only=["docl", "feature_stats"], reuse=True, extra=("x=1",)
+    )
+    # Execute
+    md, states = compare.compare_table("mnist", settings, runner)
+    # Assert
+    assert ran == [
+        ("docl", ["x=1"], True),
+        ("feature_stats", ["strategy=feature_stats", "x=1"], True),
+    ]
+    labels = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[2:]]
+    assert labels == [
+        "DOCL (one class per user)",
+        "Feature statistics, shrunk Gaussian, likelihood",
+        "Feature statistics, shrunk Gaussian, classifier of sampled features",
+        "FedAvg, 2NN (one class per user)",
+        "Centralised 2NN (all images on the server) (carried over)",
+    ]
+    assert states == {
+        "feature_stats-mix3": "not run",
+        "fedprox": "not run",
+        "fedavg-iid": "not run",
+        "fedprox-iid": "not run",
+        "centralised": "carried over from the previous table",
+    }
+    assert (tmp_path / "comparison.md").read_text() == md
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 5000  # with the carried row
+
+
+def test_the_rounds_and_epochs_go_to_the_rows_that_have_them():
+    settings = compare.CompareSettings(rounds=7, centralised_epochs=3)
+    assert compare.overrides_for("fedprox-iid", settings)[-1] == "strategy.num_rounds=7"
+    assert compare.overrides_for("centralised", settings) == [
+        "strategy=centralised",
+        "strategy.epochs=3",
+    ]
+    # The faces reference sets its own epochs; DOCL has no rounds.
+    assert compare.overrides_for("faces-centralised", settings)[-1] == "strategy.epochs=100"
+    assert compare.overrides_for("docl", settings) == []
+    assert compare.CompareSettings(dataset="faces").datasets() == ["faces"]
+    assert compare.CompareSettings().datasets() == ["mnist", "faces"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from docl_flower.experiments.launch import DeploySettings, demo_overrides
 from docl_flower.federation.nodes import load_bindings
 from docl_flower.operations.credentials import make_certificates, make_node_keys
 from docl_flower.operations.deploy import LocalDeployment, Node
@@ -60,3 +61,13 @@ def test_bindings_file_maps_registered_nodes_to_users(tmp_path):
     path = dep.write_bindings()
     assert json.loads(path.read_text()) == {"11": 0, "12": 1}
     assert load_bindings(path) == {11: 0, 12: 1}
+
+
+def test_the_demo_gives_every_supernode_one_torch_thread_unless_told_otherwise():
+    assert demo_overrides(DeploySettings(users=3, overrides=("seed=2",))) == [
+        "num_users=3",
+        "train.num_threads=1",
+        "seed=2",
+    ]
+    mine = DeploySettings(users=3, overrides=("train.num_threads=4",))
+    assert demo_overrides(mine) == ["num_users=3", "train.num_threads=4"]

@@ -16,12 +16,18 @@ import pytest
 from .conftest import PROJECT_ROOT
 
 PACKAGE = PROJECT_ROOT / "docl_flower"
-LAYERS = ("core", "federation", "operations")
+LAYERS = ("core", "federation", "operations", "experiments")
 #: What each layer may not import: higher layers of the package and (for the core) Flower.
 FORBIDDEN = {
-    "core": ("docl_flower.federation", "docl_flower.operations", "flwr"),
-    "federation": ("docl_flower.operations",),
-    "operations": (),
+    "core": (
+        "docl_flower.federation",
+        "docl_flower.operations",
+        "docl_flower.experiments",
+        "flwr",
+    ),
+    "federation": ("docl_flower.operations", "docl_flower.experiments"),
+    "operations": ("docl_flower.experiments",),
+    "experiments": (),
 }
 
 
@@ -124,9 +130,8 @@ def test_the_floor_check_catches_an_upward_import_inside_a_function(tmp_path):
 def test_every_module_belongs_to_a_layer():
     top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
     assert top == [], f"modules outside the layers: {top}"
-    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") == [
-        *LAYERS
-    ]
+    layers = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert layers == sorted(LAYERS)
 
 
 @pytest.mark.parametrize("layer", LAYERS)

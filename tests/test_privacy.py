@@ -1,15 +1,13 @@
-"""Inversion and membership inference on uploads (core.privacy, scripts/privacy.py), no Flower."""
+"""Inversion and membership inference on uploads (core privacy_attacks, experiments/privacy),
+no Flower."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from docl_flower.core.evaluation.privacy_attacks import (
     InversionSpec,
@@ -22,10 +20,6 @@ from docl_flower.core.evaluation.privacy_attacks import (
     membership_auroc,
     nearest_is_member,
 )
-from docl_flower.core.evaluation.results import RunResult, write_results
-from docl_flower.core.filter.store import save_filter
-from docl_flower.core.pipeline.config import compose_config
-from docl_flower.core.pipeline.inputs import split_features
 from docl_flower.core.training.autoencoder import (
     AutoencoderSpec,
     TrainSpec,
@@ -33,15 +27,10 @@ from docl_flower.core.training.autoencoder import (
     state_to_numpy,
     train_autoencoder,
 )
-from docl_flower.federation.components import build_experiment
+from docl_flower.experiments import privacy, privacy_attack
+from docl_flower.federation.components import load_experiment
 
-from .conftest import PROJECT_ROOT, trained_registration
-
-spec = importlib.util.spec_from_file_location("privacy", PROJECT_ROOT / "scripts" / "privacy.py")
-assert spec is not None and spec.loader is not None
-privacy = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = privacy  # its dataclasses look their module up
-spec.loader.exec_module(privacy)
+from .fake_runs import FakeLaunch
 
 #: Small attacks for tests (the script's defaults run 500 steps x 16 restarts).
 SMALL = {
@@ -152,60 +141,35 @@ def test_identification_ranks_people_by_mean_distance():
         identification_ranks(templates, gallery, labels, owner=2, candidates=[0, 1])
 
 
-def _run_result(users: list[int]) -> RunResult:
-    return RunResult(
-        method="docl",
-        overall_accuracy=0.9,
-        per_class_accuracy={str(u): 0.9 for u in users},
-        rounds=1,
-        registered=users,
-        failed={},
-        bytes_uploaded={str(u): 1 for u in users},
-        bytes_downloaded={str(u): 0 for u in users},
-        receives_others_parameters=False,
-        train_seconds={str(u): 1.0 + u for u in users},
-        alpha=1.5,
-        guarded_accuracy=0.8,
-        acceptance_rate=0.99,
+#: The tiny MNIST copy (60 training, 30 test images per digit), 3 users.
+TINY = ("dataset.verify=false", "dataset.harmless.verify=false", "num_users=3")
+
+
+def small_attack(folder):
+    return privacy_attack.attack_run(folder, SMALL)
+
+
+def test_privacy_experiment_on_tiny_digits_without_dp(tiny_root, tmp_path):
+    # Prepare: a checkout without train.dp: the DP settings are skipped, "none" runs
+    settings = privacy.PrivacySettings(
+        out=tmp_path / "out",
+        datasets=("mnist",),
+        epsilons=("8", "none"),
+        extra=(f"data_root={tiny_root}", *TINY),
     )
-
-
-def _saved_run(folder, overrides):
-    """A "run" folder: its config, a saved filter of tiny autoencoders and results.json."""
-    cfg = compose_config(overrides)
-    folder.mkdir(parents=True)
-    OmegaConf.save(cfg, folder / "experiment.yaml", resolve=True)
-    exp = build_experiment(cfg)
-    images, labels = exp.dataset.load("train")
-    regs = []
-    for user, (label,) in exp.assignment.items():
-        rows = exp.client_spec.training_indices(user, label, labels)
-        x = split_features(exp.dataset, exp.features, "train", rows, images).features
-        regs.append(trained_registration(x, user, label, epochs=3, seed=user, hidden=8))
-    save_filter(folder / "filter", regs, info={"config": OmegaConf.to_container(cfg)})
-    write_results(folder / "results.json", _run_result(sorted(exp.assignment)))
-    return regs
-
-
-def test_attack_script_on_a_tiny_digit_filter(tiny_root, tmp_path):
-    # Prepare: 3 users of a tiny MNIST copy (60 training, 30 test images per digit)
-    run = tmp_path / "runs" / "mnist" / "none"
-    _saved_run(
-        run,
-        [
-            f"data_root={tiny_root}",
-            "dataset.verify=false",
-            "dataset.harmless.verify=false",
-            "num_users=3",
-        ],
-    )
+    fake = FakeLaunch(epochs=3, hidden=8)
     # Execute
-    attacked = privacy.attack_run(run, SMALL)
-    report = {"datasets": {"mnist": {"none": attacked.numbers}}}
-    md = privacy.write_outputs(tmp_path / "out", report, {"mnist": {"none": attacked}})
-    # Assert
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(privacy, "launch", fake)
+        report, md = privacy.run_privacy(settings, attack=small_attack, has_dp=lambda: False)
+    # Assert: one run, into OUT/runs/mnist/none, with the data set's and the extra overrides
+    assert fake.calls == [(list(settings.extra), settings.out / "runs" / "mnist" / "none")]
+    saved = json.loads((settings.out / "results.json").read_text())
+    assert saved["skipped"] == report["skipped"] and saved["seconds"] == report["seconds"]
+    assert set(saved) == {"machine_start", "datasets", "skipped", "seconds", "machine_end"}
+    assert list(saved["datasets"]) == ["mnist"] and list(saved["datasets"]["mnist"]) == ["none"]
     numbers = saved["datasets"]["mnist"]["none"]
+    assert numbers["run"] == "runs/mnist/none" and numbers["overrides"] == list(settings.extra)
     assert numbers["kind"] == "classes" and numbers["users"] == 3
     assert set(numbers["membership"]["per_user"]) == {"0", "1", "2"}
     assert numbers["membership"]["members_nonmembers"]["0"] == [60, 30]
@@ -214,43 +178,48 @@ def test_attack_script_on_a_tiny_digit_filter(tiny_root, tmp_path):
         inv = numbers["inversion"][name]
         assert 0.0 <= inv["score"] <= 1.0 and len(inv["named"]["1"]) == SMALL[name].restarts
         assert 0.0 <= inv["nearest_is_member"] <= 1.0
+    assert numbers["attacks"]["prior"]["steps"] == SMALL["prior"].steps
+    # The attack works on these easy autoencoders: every user's restarts are mostly named as
+    # its digit by the public classifier, far above where the search started.
+    prior = numbers["inversion"]["prior"]
+    assert prior["users_recovered"] == 3
+    assert prior["score"] >= numbers["inversion"]["start"]["score"] + 0.4
+    assert [prior["named"][u].count(int(u)) >= 3 for u in "012"] == [True] * 3
     assert numbers["public"]["num_images"] == 150  # the first half of the 300 test images
     assert numbers["overall_accuracy"] == 0.9 and numbers["train_seconds_mean"] == 2.0
-    assert "| none (default recipe) |" in md
+    assert (settings.out / "summary.md").read_text() == md
+    assert "| none (default recipe) | 3 |" in md and "Not run: DP settings" in md
     for png in ("inversion_mnist.png", "tradeoff.png"):
-        assert (tmp_path / "out" / png).stat().st_size > 5000
+        assert (settings.out / png).stat().st_size > 5000
 
 
-def test_attack_script_on_a_tiny_face_filter(tmp_path):
+def test_attacking_a_tiny_face_run_folder(tmp_path):
     # Prepare: 3 of the 40 ORL people on pixel features (the face extractor is slow in tests)
     run = tmp_path / "runs" / "faces" / "eps-8"
-    regs = _saved_run(
-        run,
-        [
-            "dataset=att_faces",
-            "features=identity",
-            "partition=random_classes",
-            "num_users=3",
-        ],
+    FakeLaunch(epochs=3, hidden=8)(
+        ["dataset=att_faces", "features=identity", "partition=random_classes", "num_users=3"], run
     )
-    # Execute
-    attacked = privacy.attack_run(run, {"prior": SMALL["prior"]})
-    report = {"datasets": {"faces": {"eps-8": attacked.numbers}}}
-    md = privacy.write_outputs(tmp_path, report, {"faces": {"eps-8": attacked}})
-    # Assert
-    numbers = attacked.numbers
+    settings = privacy.PrivacySettings(out=tmp_path, attack=(run,))
+    # Execute: --attack (no run), with the prior attack only
+    report, md = privacy.run_privacy(
+        settings, attack=lambda f: privacy_attack.attack_run(f, {"prior": SMALL["prior"]})
+    )
+    # Assert: the run is filed under its kind and folder name
+    numbers = report["datasets"]["people"]["eps-8"]
+    assert numbers["run"] == "runs/faces/eps-8" and "overrides" not in numbers
     assert numbers["kind"] == "people"
     assert numbers["public"]["num_images"] == 37 * 10  # the unregistered people's photos
     assert numbers["membership"]["members_nonmembers"]["0"] == [7, 3]
     per_user = numbers["inversion"]["prior"]["per_user"]
-    assert {v["person"] for v in per_user.values()} == {r.label for r in regs}
+    drawn = load_experiment(run / "experiment.yaml").assignment
+    assert {v["person"] for v in per_user.values()} == {cs[0] for cs in drawn.values()}
     assert all(0 <= v["rank_among_registered"] <= 2 for v in per_user.values())
     assert all(0 <= v["rank_among_all"] <= 39 for v in per_user.values())
     assert numbers["inversion"]["prior"]["within_tolerance"] is None  # not dlib descriptors
     assert numbers["inversion"]["prior"]["distance_training_photos"] > 0.0
     assert numbers["public"]["people"] == 40
     assert "epsilon = 8" in md
-    assert (tmp_path / "inversion_faces_eps-8.png").stat().st_size > 5000
+    assert (tmp_path / "inversion_people_eps-8.png").stat().st_size > 5000
     assert (tmp_path / "tradeoff.png").stat().st_size > 5000
 
 
@@ -275,3 +244,9 @@ def test_settings_and_overrides_of_the_runs():
         "train.min_steps=1000",
         "train.dp.epsilon=1",
     ]
+    assert privacy.PrivacySettings().epsilons == ("1", "4", "8", "none")
+    for bad in ("0", "-1"):
+        with pytest.raises(ValueError, match="epsilon must be > 0"):
+            privacy.PrivacySettings(epsilons=(bad, "none"))
+    with pytest.raises(ValueError, match="unknown data sets"):
+        privacy.PrivacySettings(datasets=("cifar",))

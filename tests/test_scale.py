@@ -1,8 +1,11 @@
-"""Scale: many users per class, owner accuracy, the send window, the plain loop, tree memory."""
+"""Scale: many users per class, owner accuracy, the send window, the plain loop, tree memory,
+and the scale benchmark's figures, table, targets and report (experiments/scale.py).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -16,23 +19,18 @@ from flwr.app import Message
 
 from docl_flower.core.data.partitions import Partition, owner_shards, users_per_class_partition
 from docl_flower.core.evaluation.metrics import evaluate, owner_accuracy, owner_guarded_accuracy
+from docl_flower.core.evaluation.results import RunResult
 from docl_flower.core.filter.global_filter import ArgminGuard, ScoredFilter
 from docl_flower.core.pipeline.config import compose_config
 from docl_flower.core.pipeline.plain import concurrency, run_plain, train_user
+from docl_flower.experiments import scale
 from docl_flower.federation.components import build_experiment
 from docl_flower.federation.grids import SimulationGrid, StreamingGrid
 from docl_flower.operations.main import send_window
 from docl_flower.operations.memory import TreeMemory, descendants
+from docl_flower.operations.runs import TreeUsage
 
 from .conftest import PROJECT_ROOT
-
-spec = importlib.util.spec_from_file_location(
-    "bench_scale", PROJECT_ROOT / "scripts" / "bench_scale.py"
-)
-assert spec is not None and spec.loader is not None
-bench_scale = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_scale)
-
 
 # ------------------------------------------------------------------ partition and owners
 
@@ -261,7 +259,7 @@ def test_tree_memory_reads_pss_only_every_pss_interval(monkeypatch):
     assert len(reads) > first and memory.peak_pss >= 1
 
 
-# ------------------------------------------------------------------ the script's report
+# ------------------------------------------------------------------ the benchmark's report
 
 
 def _row(name, users, wall, pss, ratio=None):
@@ -294,32 +292,25 @@ def test_the_targets_are_judged_from_the_measured_rows():
         _row("users-1000", 1000, 1900.0, 9.0, ratio=1.4),
         _row("default-10", 10, 100.0, 2.0, ratio=1.35),
     ]
-    checks = bench_scale.verdicts(rows)
+    checks = scale.verdicts(rows)
     assert checks["1000 users: wall minutes"]["holds"] is False  # 31.7 min
     assert checks["1000 users: peak memory GiB (PSS)"]["holds"] is False
     assert checks["1000 users: Flower / plain"]["holds"] is True
     assert checks["s/user at 1000 / s/user at 10"]["value"] == pytest.approx(1.9 / 6.0)
     assert checks["10 users, default recipe: Flower / plain"]["holds"] is False
-    text = bench_scale.table(rows)
+    text = scale.table(rows)
     assert text.count("\n") == 4 and "| users-1000 | 1000 | 1900.0 |" in text
-    with pytest.raises(SystemExit):
-        bench_scale.size_overrides(15, 100, [])
-
-
-def test_a_benchmark_run_starts_from_an_empty_folder(tmp_path):
-    # An earlier run's folder (its saved filter would make the next run skip every user).
-    earlier = tmp_path / "users-10"
-    (earlier / "filter").mkdir(parents=True)
-    (earlier / "run.log").write_text("earlier run")
-    bench_scale.fresh_run_dir(earlier)
-    assert earlier.is_dir() and list(earlier.iterdir()) == []
-    # A folder the benchmark did not write is never removed.
-    other = tmp_path / "mine"
-    other.mkdir()
-    (other / "notes.txt").write_text("keep")
-    with pytest.raises(SystemExit, match="holds no earlier benchmark run"):
-        bench_scale.fresh_run_dir(other)
-    assert (other / "notes.txt").read_text() == "keep"
+    with pytest.raises(scale.ScaleError, match="multiple of 10"):
+        scale.size_overrides(15, 100, [])
+    with pytest.raises(scale.ScaleError, match="at most 10 \\* 100"):
+        scale.size_overrides(1010, 100, [])
+    assert scale.size_overrides(1000, 100, ["seed=3"]) == [
+        "partition=users_per_class",
+        "partition.users_per_class=100",
+        "partition.class_shards=100",
+        "train=scale",
+        "seed=3",
+    ]
 
 
 def test_repeated_default_runs_are_judged_on_their_median_and_all_shown():
@@ -328,42 +319,122 @@ def test_repeated_default_runs_are_judged_on_their_median_and_all_shown():
         _row("default-10 #2", 10, 54.0, 2.0, ratio=1.25),
         _row("default-10 #3", 10, 55.0, 2.0, ratio=1.21),
     ]
-    checks = bench_scale.verdicts(rows)
+    checks = scale.verdicts(rows)
     [(name, check)] = checks.items()
     assert name.endswith("(median of 3 paired runs: 1.21-1.37)")
     assert check["value"] == pytest.approx(1.25) and check["holds"] is True
     # Two slow runs of three fail it: a median, not the best run.
     rows[1]["overhead_ratio"] = 1.31
-    assert bench_scale.verdicts(rows)[name]["holds"] is False
-    assert bench_scale.table(rows).count("| default-10") == 3
+    assert scale.verdicts(rows)[name]["holds"] is False
+    assert scale.table(rows).count("| default-10") == 3
 
 
-# ------------------------------------------------------------------ the GPU check script
-
-gspec = importlib.util.spec_from_file_location(
-    "gpu_check", PROJECT_ROOT / "scripts" / "gpu_check.py"
-)
-assert gspec is not None and gspec.loader is not None
-gpu_check = importlib.util.module_from_spec(gspec)
-gspec.loader.exec_module(gpu_check)
-
-
-def test_the_gpu_checks_scoring_matches_the_reference_and_it_refuses_without_cuda(monkeypatch):
-    from docl_flower.core.filter.global_filter import reference_scores
-
-    from .conftest import random_registration
-
-    rng = np.random.default_rng(0)
-    regs = [random_registration(rng, u, u) for u in range(5)]
-    x = torch.from_numpy(
-        rng.random((70, regs[0].params["encoder.weight"].shape[1]), dtype=np.float32)
+def _result(**extra):
+    return RunResult.from_dict(
+        {
+            "method": "docl",
+            "overall_accuracy": 0.9,
+            "per_class_accuracy": {"0": 0.9},
+            "rounds": 1,
+            "registered": [0, 1, 2, 3],
+            "failed": {"4": "timeout"},
+            "bytes_uploaded": {"0": 100, "1": 300, "2": 200, "3": 200},
+            "bytes_downloaded": {"0": 0, "1": 0, "2": 5, "3": 0},
+            "receives_others_parameters": False,
+            "train_seconds": {"0": 1.0, "1": 2.0, "2": 3.0, "3": 4.0},
+            "owner_accuracy": 0.25,
+            "wall_seconds": 80.0,
+            "server_seconds": 60.0,
+            "phase_seconds": {
+                "setup": 2.0,
+                "wait_for_nodes": 3.0,
+                "registration": 40.0,
+                "server_handling": 1.5,
+                "evaluation": 6.0,
+            },
+            **extra,
+        }
     )
-    got = gpu_check.cuda_scores(regs, x, chunk=32, device="cpu")
-    torch.testing.assert_close(
-        got.double(), reference_scores(regs, x).double(), rtol=1e-4, atol=1e-3
+
+
+USAGE = TreeUsage(3 * 2**30, 2 * 2**30, 12, 100, 85.0)
+
+
+def test_a_row_is_computed_from_the_runs_results_and_its_process_tree():
+    row = scale.flower_figures("users-10", ["seed=1"], _result(), USAGE)
+    assert row["users"] == 4 and row["failed"] == 1
+    assert row["flower_wall_seconds"] == 80.0  # the run's own clock, not the launcher's
+    assert row["flower_seconds_per_user"] == 20.0
+    assert (row["peak_rss_gib"], row["peak_pss_gib"], row["peak_processes"]) == (3.0, 2.0, 12)
+    assert row["bytes_uploaded_per_user"] == 200.0 and row["bytes_downloaded_total"] == 5
+    # Outside the ServerApp (80 - 60) plus its setup (2) and the wait for the nodes (3).
+    assert row["flower_breakdown"]["before_first_message"] == 25.0
+    assert row["flower_breakdown"]["client_train_seconds_sum"] == 10.0
+    plain = Mock(workers=2, phase_seconds={"training": 32.0, "total": 50.0})
+    plain.evaluation.overall_accuracy = 0.91
+    more = scale.plain_figures(row, plain, 2**30, {"max_abs_mu_difference": 0.0})
+    assert more["overhead_ratio"] == 80.0 / 50.0 and more["plain_peak_pss_gib"] == 1.0
+    assert more["per_message_overhead_seconds"] == (40.0 - 32.0) / 4
+    assert more["max_abs_mu_difference"] == 0.0 and more["plain_class_accuracy"] == 0.91
+    # Without its own clock the launcher's counts; a run that timed nothing is refused.
+    assert (
+        scale.flower_figures("x", [], _result(wall_seconds=None), USAGE)["flower_wall_seconds"]
+        == 85.0
     )
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main(["--out", "unused"]) == 2
+    with pytest.raises(scale.ScaleError, match="2 users were already registered"):
+        scale.flower_figures("x", [], _result(already_registered=[5, 6]), USAGE)
+
+
+def test_the_benchmark_runs_its_rows_in_order_and_writes_json_and_summary(tmp_path):
+    settings = scale.ScaleSettings(
+        users=(10, 1000), out=tmp_path, default_repeats=2, extra=("a=1",)
+    )
+    seen, shown = [], []
+
+    def measure(name, overrides, settings, folder):
+        seen.append((name, overrides[-1], folder))
+        users = 1000 if name == "users-1000" else 10
+        return _row(name, users, 1500.0 if users == 1000 else 60.0, 3.0, ratio=1.2)
+
+    report = scale.run_scale(settings, progress=shown.append, measure=measure)
+    assert seen == [
+        ("users-10", "a=1", "users-10"),
+        ("users-1000", "a=1", "users-1000"),
+        ("default-10", "a=1", "default-10"),
+        ("default-10 #2", "a=1", "default-10-2"),
+    ]
+    assert len(shown) == 4 and shown[-1].count("\n") == 5  # the table after every row
+    written = json.loads((tmp_path / "bench_scale.json").read_text())
+    assert set(written) == {"machine", "rows", "targets"} == set(report)
+    assert {"cpu", "cores", "memory_gib", "load_average_start", "load_average_end"} <= set(
+        written["machine"]
+    )
+    assert [r["name"] for r in written["rows"]] == [name for name, *_ in seen]
+    assert written["targets"]["1000 users: wall minutes"] == {
+        "value": 25.0,
+        "limit": 30.0,
+        "holds": True,
+    }
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# Scale benchmark (`make scale`)")
+    assert "| 1000 users: wall minutes | 25.000 | 30.0 | yes |" in summary
+    assert "| s/user at 1000 / s/user at 10 | 0.250 | 1.5 | yes |" in summary
+
+
+def test_the_script_refuses_bad_settings_before_any_run(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "bench_scale", PROJECT_ROOT / "scripts" / "bench_scale.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv, message in (
+        (["--users", "15"], "multiple of 10"),
+        (["--users", "--default-repeats", "0"], "at least 1"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            script.main([*argv, "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_run_table_shows_owner_accuracy_and_dp_when_present():
