@@ -101,13 +101,7 @@ class Docl:
     def _run(self, grid: Grid, exp: Experiment, store: PersistentFilter, began: float) -> RunResult:
         if not isinstance(exp.model, AutoencoderSpec):
             raise ValueError(f"DOCL trains autoencoders; model is a {type(exp.model).__name__}")
-        prepared = steps.prepare(
-            exp,
-            bindings_path=self.bindings_path,
-            probe_images=self.probe_images,
-            probe_noise=self.probe_noise,
-            began=began,
-        )
+        prepared = steps.prepare(exp, self, began)
         spec = exp.client_spec
         probe = ProbeCheck(
             prepared.probe,

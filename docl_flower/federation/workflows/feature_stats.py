@@ -115,12 +115,7 @@ class FeatureStats:
 
     def run(self, grid: Grid, exp: Experiment, out_dir: Path) -> RunResult:
         """Register each user's statistics once (validated, probe-checked), then evaluate."""
-        prepared = steps.prepare(
-            exp,
-            bindings_path=self.bindings_path,
-            probe_images=self.probe_images,
-            probe_noise=self.probe_noise,
-        )
+        prepared = steps.prepare(exp, self)
         rules = StatsRules(StatsLimits(self.stats_spec(), prepared.dim))
 
         def vet(stats: ClassStats) -> None:

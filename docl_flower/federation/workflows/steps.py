@@ -33,6 +33,7 @@ from .. import keys
 from ..grids import StreamingGrid
 from ..nodes import load_bindings
 from ..strategy import RegisterOnce, RegistrationOutcome
+from .settings import RegistrationSettings
 
 #: Default seconds to wait for the nodes (``strategy.node_wait_s``). Ray actors and SuperNodes
 #: connect within seconds on the machines measured; two minutes leave room for a loaded host.
@@ -59,19 +60,15 @@ class Prepared:
 
 
 def prepare(
-    exp: Experiment,
-    *,
-    bindings_path: str | None,
-    probe_images: int,
-    probe_noise: int,
-    began: float | None = None,
+    exp: Experiment, settings: RegistrationSettings, began: float | None = None
 ) -> Prepared:
     """Load the evaluation data, the bindings and the probe set of ``exp``."""
     began = time.time() if began is None else began
-    bindings = load_bindings(bindings_path) if bindings_path else None
+    path = settings.bindings_path
+    bindings = load_bindings(path) if path else None
     sets = server_sets(exp)
     dim = int(sets.x_test.shape[1])
-    probe = probe_set(sets.harmless, dim, probe_images, probe_noise, exp.seed)
+    probe = probe_set(sets.harmless, dim, settings.probe_images, settings.probe_noise, exp.seed)
     return Prepared(sets, dim, bindings, probe, began)
 
 
