@@ -282,3 +282,32 @@ def test_a_face_filter_reads_the_extractor_and_image_shape_from_the_filter(tmp_p
     # Assert
     out = capsys.readouterr().out
     assert code == 0 and "one-sided" in out and "1.pgm" in out
+
+
+def test_filter_check_uses_the_alpha_the_run_calibrated_for_its_guard(tmp_path):
+    # Prepare: a filter whose run calibrated the paper's one-sided Guard to alpha 0.8125.
+    info = {
+        "config": {
+            "features": {"_target_": "docl_flower.core.features.Identity"},
+            "guard": {"name": "paper", "alpha": 2.0, "sided": "one", "max_alpha": 3.0},
+            "dataset": {"image_shape": [28, 28]},
+        },
+        "calibration": {"alpha": 0.8125, "guard": "paper", "sided": "one"},
+    }
+    save_filter(
+        tmp_path / "filter",
+        [random_registration(np.random.default_rng(0), 0, 0, dim=784)],
+        info=info,
+    )
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
+    # Execute and Assert: the calibrated alpha for its rule, the fixed one for another rule,
+    # and --alpha over both.
+    paper = _filter_check(tmp_path / "filter", folder, "--uploader", "0")
+    strict = _filter_check(tmp_path / "filter", folder, "--uploader", "0", "--guard", "strict")
+    given = _filter_check(tmp_path / "filter", folder, "--uploader", "0", "--alpha", "1.25")
+    assert paper.returncode == strict.returncode == given.returncode == 0, paper.stderr
+    assert "alpha 0.8125" in paper.stdout
+    assert "alpha 2.0" in strict.stdout
+    assert "alpha 1.25" in given.stdout

@@ -154,10 +154,14 @@ def test_fedavg_family_baseline_runs_end_to_end(tiny_root, tmp_path, strategy):
 
 
 def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root, tmp_path):
-    # Prepare: users 0 and 1 register into a persistent filter.
+    # Prepare: users 0 and 1 register into a persistent filter; the Guard is calibrated to a
+    # stated acceptance rate at each run.
     shared = tmp_path / "filter"
+    calibrated = "guard.target_acceptance=0.9"
     first = run_cli(
-        *small_run_args(tiny_root, tmp_path / "run1", users=2), f"strategy.filter_path={shared}"
+        *small_run_args(tiny_root, tmp_path / "run1", users=2),
+        f"strategy.filter_path={shared}",
+        calibrated,
     )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     before = {
@@ -166,7 +170,9 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
     }
     # Execute: a later run with a third user.
     second = run_cli(
-        *small_run_args(tiny_root, tmp_path / "run2", users=3), f"strategy.filter_path={shared}"
+        *small_run_args(tiny_root, tmp_path / "run2", users=3),
+        f"strategy.filter_path={shared}",
+        calibrated,
     )
     # Assert
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -180,6 +186,14 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
         for e in json.loads((shared / "filter.json").read_text())["entries"]
     }
     assert {u: after[u] for u in (0, 1)} == before and 2 in after
+    # The Guard was calibrated again for the three users, and the filter holds that alpha.
+    cal = results["calibration"]
+    saved = json.loads((shared / "filter.json").read_text())["calibration"]
+    assert saved == {k: v for k, v in cal.items() if k not in ("test_images", "slack")}
+    assert cal["target_acceptance"] == 0.9 and results["alpha"] == cal["alpha"] <= 2.0
+    assert cal["test_images"] == results["num_harmless_images"] and cal["images"] >= 10
+    assert cal["blocked_bound"] <= 0.1 and cal["calibration_blocked"] <= 0.1
+    assert results["acceptance_rate"] >= 0.9 - cal["slack"]
 
 
 def test_local_deployment_with_tls_and_node_auth(tiny_root, tmp_path):

@@ -150,7 +150,10 @@ def _parser() -> argparse.ArgumentParser:
         "--alpha",
         type=_alpha,
         default=None,
-        help="Guard alpha, a finite number > 0 (default: the one the filter was run with)",
+        help=(
+            "Guard alpha, a finite number > 0 (default: the one the run calibrated to its "
+            "target acceptance, else the one it was run with)"
+        ),
     )
     parser.add_argument("--guard", choices=sorted(GUARDS), default="paper")
     parser.add_argument(
@@ -166,6 +169,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def _saved_alpha(meta: object, guard_name: str, sided: str) -> float | None:
+    """The alpha the run calibrated for this Guard rule (``guard.target_acceptance``), if any."""
+    cal = meta.get("calibration") if isinstance(meta, dict) else None
+    if not isinstance(cal, dict) or (cal.get("guard"), cal.get("sided")) != (guard_name, sided):
+        return None
+    alpha = cal.get("alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise ValueError(f"calibration alpha must be a number, got {alpha!r}")
+    return float(alpha)
 
 
 def _load(
@@ -191,9 +205,12 @@ def _load(
     try:
         guard_cfg = config.get("guard", {})
         guard_cfg = guard_cfg if isinstance(guard_cfg, dict) else {}
+        sided = str(guard_cfg.get("sided", "two"))
+        if alpha is None:
+            alpha = _saved_alpha(meta, guard_name, sided)
         if alpha is None:
             alpha = float(guard_cfg.get("alpha", 1.5))
-        guard = GUARDS[guard_name](alpha, str(guard_cfg.get("sided", "two")))
+        guard = GUARDS[guard_name](alpha, sided)
         # The loosest alpha whose blocking region the upload check judged (a filter saved
         # before max_alpha existed was judged at its own alpha only).
         limit = float(guard_cfg.get("max_alpha") or guard_cfg.get("alpha") or 1.5)

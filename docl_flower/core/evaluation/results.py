@@ -73,6 +73,10 @@ class RunResult:
     #: ``server_handling`` (validating, checking and saving replies, within registration),
     #: ``after_last_reply``, ``evaluation``.
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    #: The Guard calibrated to ``guard.target_acceptance`` (:mod:`~docl_flower.core.filter.
+    #: conformal`): the chosen alpha, the calibration set, the guaranteed bound, and the
+    #: harmless images the acceptance was measured on with the finite-sample ``slack``.
+    calibration: dict[str, Any] | None = None
     # --- feature statistics: the classifier trained on features sampled from the uploads
     sampled_classifier_accuracy: float | None = None
     sampled_classifier_per_class_accuracy: dict[str, float] = field(default_factory=dict)

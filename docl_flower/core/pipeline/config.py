@@ -32,6 +32,7 @@ from docl_flower.core.data.base import ImageDataset
 from docl_flower.core.data.catalog import as_image_dataset
 from docl_flower.core.data.partitions import Partition
 from docl_flower.core.features.extractors import FeatureExtractor
+from docl_flower.core.filter.conformal import DEFAULT_CALIBRATION_SHARE
 from docl_flower.core.filter.global_filter import GUARDS, SIDES, Guard, ScoringConfig, make_guard
 from docl_flower.core.filter.probe import DEFAULT_MAX_ALPHA, MAX_ALPHA
 from docl_flower.core.pipeline.client_spec import (
@@ -208,6 +209,8 @@ class Experiment:
     config: dict[str, object]
     #: Harmless images are the photos of the classes no user owns (``harmless: unregistered``).
     harmless_unregistered: bool = False
+    #: The Guard's calibration (``guard.target_acceptance``), or None: the fixed alpha.
+    calibration: GuardCalibration | None = None
 
 
 def build_experiment(
@@ -430,9 +433,31 @@ def _check_combination(
         )
 
 
-def _build_guard(node: object) -> tuple[Guard, float]:
-    """The Guard and ``max_alpha``, the loosest alpha any later check may use (see probe.py)."""
-    names = ("name", "alpha", "sided", "max_alpha")
+@dataclass(frozen=True)
+class GuardCalibration:
+    """``guard.target_acceptance`` and ``guard.calibration_share`` (see :mod:`.conformal`)."""
+
+    target_acceptance: float
+    calibration_share: float = DEFAULT_CALIBRATION_SHARE
+
+    def __post_init__(self) -> None:
+        check_number("target_acceptance", self.target_acceptance, above=0.0)
+        if not self.target_acceptance < 1.0:
+            raise ValueError(f"target_acceptance must be in (0, 1), got {self.target_acceptance!r}")
+        check_number("calibration_share", self.calibration_share, above=0.0)
+        if not self.calibration_share < 1.0:
+            raise ValueError(
+                f"calibration_share must be in (0, 1): some harmless images measure the "
+                f"achieved acceptance, got {self.calibration_share!r}"
+            )
+
+
+def _build_guard(node: object) -> tuple[Guard, float, GuardCalibration | None]:
+    """The Guard, ``max_alpha`` and the calibration to a target acceptance, if any.
+
+    ``max_alpha`` is the loosest alpha any later check may use (see probe.py).
+    """
+    names = ("name", "alpha", "sided", "max_alpha", "target_acceptance", "calibration_share")
     with _config_key("guard", names):
         data = _container(node)
         unknown = sorted(set(data) - set(names))
@@ -453,7 +478,10 @@ def _build_guard(node: object) -> tuple[Guard, float]:
                 f"alpha {alpha} is above max_alpha {max_alpha} (the loosest alpha the upload "
                 "check judged); raise guard.max_alpha"
             )
-        return make_guard(name, alpha, str(sided)), max_alpha
+        target = data.get("target_acceptance")
+        share = data.get("calibration_share", DEFAULT_CALIBRATION_SHARE)
+        calibration = None if target is None else GuardCalibration(target, share)  # type: ignore[arg-type]
+        return make_guard(name, alpha, str(sided)), max_alpha, calibration
 
 
 def _build_experiment(cfg: DictConfig, check_recipe: bool, components: Registry) -> Experiment:
@@ -490,7 +518,11 @@ def _build_experiment(cfg: DictConfig, check_recipe: bool, components: Registry)
     workflow = _as_workflow(_spec("strategy", container["strategy"], components=components))
     _check_combination(workflow, model, train, num_classes)
     features_cfg = dict(_container(container["features"]))
-    guard, max_alpha = _build_guard(container["guard"])
+    guard, max_alpha, calibration = _build_guard(container["guard"])
+    if calibration is not None and harmless is None and harmless_cfg != UNREGISTERED:
+        raise ValueError(
+            "guard.target_acceptance needs harmless images to calibrate on (dataset.harmless)"
+        )
     features = _as_features(_spec("features", features_cfg))
     client_spec = ClientSpec(
         seed=seed,
@@ -523,6 +555,7 @@ def _build_experiment(cfg: DictConfig, check_recipe: bool, components: Registry)
         workflow=workflow,
         config={str(k): v for k, v in container.items()},
         harmless_unregistered=harmless_cfg == UNREGISTERED,
+        calibration=calibration,
     )
 
 

@@ -49,6 +49,9 @@ class ServerSets:
     harmless: torch.Tensor | None
     #: Images per set for which the extractor fell back (faces: no face detected).
     fallbacks: dict[str, int]
+    #: The class (person) of each harmless image where they are unregistered classes of the
+    #: data set (faces); None for a harmless data set of its own.
+    harmless_labels: torch.Tensor | None = None
 
 
 def server_sets(exp: Experiment) -> ServerSets:
@@ -62,14 +65,19 @@ def server_sets(exp: Experiment) -> ServerSets:
         harmless, fallbacks["harmless"] = found.features, int(found.fallback.sum())
     elif exp.harmless_unregistered:
         owned = {c for cs in exp.assignment.values() for c in cs}
-        parts, missed = [], 0
+        parts, part_labels, missed = [], [], 0
         for split in ("train", "test"):
             split_images, split_labels = exp.dataset.load(split)
             rows = np.flatnonzero(~np.isin(split_labels, sorted(owned))).astype(np.int64)
             if rows.size:
                 found = split_features(exp.dataset, exp.features, split, rows, split_images)
                 parts.append(found.features)
+                part_labels.append(torch.as_tensor(split_labels[rows]))
                 missed += int(found.fallback.sum())
         harmless = torch.cat(parts) if parts else None
         fallbacks["harmless"] = missed
+        harmless_labels = torch.cat(part_labels) if part_labels else None
+        return ServerSets(
+            test.features, torch.as_tensor(labels), harmless, fallbacks, harmless_labels
+        )
     return ServerSets(test.features, torch.as_tensor(labels), harmless, fallbacks)

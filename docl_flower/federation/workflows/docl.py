@@ -152,10 +152,16 @@ class Docl:
             owners = torch.from_numpy(
                 owner_shards(sets.y_test.numpy(), exp.assignment, exp.partition.shards, exp.seed)
             )
-        ev = evaluate(flt, exp.guard, sets.x_test, sets.y_test, sets.harmless, ALPHA_GRID, owners)
+        choice = steps.choose_guard(exp, flt, sets.harmless, sets.harmless_labels)
+        if choice.calibration is not None:  # saved and signed with the filter
+            store.info["calibration"] = choice.calibration.to_dict()
+            store.save()
+        ev = evaluate(
+            flt, choice.guard, sets.x_test, sets.y_test, choice.harmless, ALPHA_GRID, owners
+        )
         return steps.guarded_result(
             "docl",
-            exp,
+            choice,
             ev,
             flt.labels,
             prepared,

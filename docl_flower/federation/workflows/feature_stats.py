@@ -139,7 +139,8 @@ class FeatureStats:
             raise RuntimeError(f"no statistics were registered; failures: {outcome.failed}")
         sets = prepared.sets
         flt = LikelihoodFilter(stats)
-        ev = evaluate(flt, exp.guard, sets.x_test, sets.y_test, sets.harmless, ALPHA_GRID)
+        choice = steps.choose_guard(exp, flt, sets.harmless, sets.harmless_labels)
+        ev = evaluate(flt, choice.guard, sets.x_test, sets.y_test, choice.harmless, ALPHA_GRID)
         classifier = train_sampled_classifier(stats, self.classifier_spec(), exp.seed)
         sampled, per_class = class_accuracy(
             classifier.predict(sets.x_test), sets.y_test, flt.labels
@@ -151,7 +152,7 @@ class FeatureStats:
         )
         return steps.guarded_result(
             "feature_stats",
-            exp,
+            choice,
             ev,
             flt.labels,
             prepared,

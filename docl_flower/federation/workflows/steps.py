@@ -14,6 +14,8 @@ the filter is. So the steps are written once here:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +27,13 @@ from flwr.serverapp import Grid
 
 from docl_flower.core.evaluation.metrics import Evaluation
 from docl_flower.core.evaluation.results import RunResult
+from docl_flower.core.filter.conformal import (
+    Calibration,
+    calibrate,
+    finite_sample_slack,
+    split_harmless,
+)
+from docl_flower.core.filter.global_filter import Guard, ScoredFilter
 from docl_flower.core.filter.probe import ProbeSet, probe_set
 from docl_flower.core.pipeline.config import Experiment
 from docl_flower.core.pipeline.inputs import ServerSets, server_sets
@@ -34,6 +43,8 @@ from ..grids import StreamingGrid
 from ..nodes import load_bindings
 from ..strategy import RegisterOnce, RegistrationOutcome
 from .settings import RegistrationSettings
+
+log = logging.getLogger(__name__)
 
 #: Default seconds to wait for the nodes (``strategy.node_wait_s``). Ray actors and SuperNodes
 #: connect within seconds on the machines measured; two minutes leave room for a loaded host.
@@ -115,6 +126,59 @@ def register_once(
     return Timeline(set_up=set_up, replied=time.time())
 
 
+@dataclass(frozen=True)
+class GuardChoice:
+    """The Guard a run evaluates with, and the harmless images that measure its acceptance."""
+
+    guard: Guard
+    #: Harmless images the calibration did not see (all of them without calibration).
+    harmless: torch.Tensor | None
+    calibration: Calibration | None = None
+
+    def result_fields(self) -> dict[str, Any]:
+        """The calibration's fields of :class:`RunResult` (with the finite-sample slack)."""
+        cal = self.calibration
+        if cal is None or self.harmless is None:
+            return {}
+        tested = int(self.harmless.shape[0])
+        record = cal.to_dict()
+        record["test_images"] = tested
+        record["slack"] = finite_sample_slack(cal.images, tested) if tested else None
+        return {"calibration": record}
+
+
+def choose_guard(
+    exp: Experiment,
+    flt: ScoredFilter,
+    harmless: torch.Tensor | None,
+    groups: torch.Tensor | None = None,
+) -> GuardChoice:
+    """The configured Guard, or (``guard.target_acceptance``) the calibrated one.
+
+    The calibration split is drawn with the experiment's seed; the Guard's alpha is then the
+    conformal alpha of :func:`~docl_flower.core.filter.conformal.calibrate`, capped by
+    ``guard.max_alpha``, and the acceptance is measured on the other harmless images only.
+    With ``groups`` (the person of each harmless image: faces), the split is by person.
+    """
+    if exp.calibration is None:
+        return GuardChoice(exp.guard, harmless)
+    if harmless is None or int(harmless.shape[0]) < 2:
+        raise ValueError("guard.target_acceptance needs harmless images to calibrate on")
+    share = exp.calibration.calibration_share
+    cal_set, test_set = split_harmless(harmless, share, exp.seed, groups)
+    cal = calibrate(exp.guard, flt, cal_set, exp.calibration.target_acceptance, exp.max_alpha)
+    log.info(
+        "calibrated the Guard on %d harmless images: alpha %.4f for acceptance >= %.3f "
+        "(conformal alpha %.4f, max_alpha %.2f)",
+        cal.images,
+        cal.alpha,
+        cal.target_acceptance,
+        cal.conformal_alpha,
+        exp.max_alpha,
+    )
+    return GuardChoice(dataclasses.replace(exp.guard, alpha=cal.alpha), test_set, cal)
+
+
 def phase_seconds(
     prepared: Prepared, timeline: Timeline, outcome: RegistrationOutcome[Any], done: float
 ) -> dict[str, float]:
@@ -133,7 +197,7 @@ def phase_seconds(
 
 def guarded_result(
     method: str,
-    exp: Experiment,
+    choice: GuardChoice,
     ev: Evaluation,
     labels: torch.Tensor,
     prepared: Prepared,
@@ -146,23 +210,24 @@ def guarded_result(
     ``labels``: the classes in the filter (test images of other classes are not counted).
     ``extra``: the method's own fields of :class:`RunResult`.
     """
-    sets = prepared.sets
+    sets, harmless = prepared.sets, choice.harmless
     fields: Mapping[str, Any] = {
         "method": method,
         "overall_accuracy": ev.overall_accuracy,
         "per_class_accuracy": {str(k): v for k, v in ev.per_class_accuracy.items()},
         "alpha": ev.alpha,
-        "guard": type(exp.guard).__name__,
+        "guard": type(choice.guard).__name__,
         "guarded_accuracy": ev.guarded_accuracy,
         "acceptance_rate": ev.acceptance_rate,
         "ood_auroc": ev.ood_auroc,
         "guard_curve": list(ev.guard_curve),
         "num_test_images": int(torch.isin(sets.y_test, labels).sum()),
-        "num_harmless_images": None if sets.harmless is None else int(sets.harmless.shape[0]),
+        "num_harmless_images": None if harmless is None else int(harmless.shape[0]),
         "bindings_enforced": prepared.bindings is not None,
         "phase_seconds": phase_seconds(prepared, timeline, outcome, time.time()),
         "feature_fallbacks": sets.fallbacks,
         **outcome.result_fields(),
+        **choice.result_fields(),
     }
     twice = sorted(set(fields) & set(extra))
     if twice:
