@@ -55,9 +55,10 @@ def flwr_home(tmp_path):
         time.sleep(0.2)
 
 
-def test_plain_flwr_run_composes_the_config_and_follows_the_federation(
+def test_plain_flwr_run_refuses_bad_overrides_then_composes_the_config_and_follows_the_federation(
     tiny_root, tmp_path, flwr_home
 ):
+    # One managed local SuperLink for both runs (starting one costs about 20 s).
     # Prepare
     out = tmp_path / "run"
     overrides = (
@@ -67,6 +68,19 @@ def test_plain_flwr_run_composes_the_config_and_follows_the_federation(
         # tiny harmless set; the probe check has tests of its own
         " strategy.max_block_share=0.5"
     )
+    # Execute: first a run whose overrides the ServerApp refuses.
+    bad = flwr(
+        flwr_home,
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        f"overrides='num_users=2 guard.alpha=0' out-dir='{tmp_path / 'bad'}'",
+    )
+    # Assert: it fails with the reason, and writes no results.
+    assert "docl-flower: " in bad.stdout + bad.stderr and "alpha" in bad.stdout + bad.stderr
+    assert statuses(flwr_home) == ["finished:failed"]
+    assert not (tmp_path / "bad" / "results.json").exists()
     # Execute: the default local federation of flwr 1.42 has 2 simulated nodes.
     proc = flwr(
         flwr_home,
@@ -84,18 +98,4 @@ def test_plain_flwr_run_composes_the_config_and_follows_the_federation(
     assert results["config"]["num_users"] == 2 and results["registered"] == [0, 1]
     assert results["config"]["train"]["epochs"] == 10
     assert (out / "experiment.yaml").is_file() and (out / "filter" / "filter.json").is_file()
-    assert statuses(flwr_home) == ["finished:completed"]
-
-
-def test_flwr_run_with_bad_overrides_fails_with_the_reason(tmp_path, flwr_home):
-    proc = flwr(
-        flwr_home,
-        "run",
-        ".",
-        "--stream",
-        "--run-config",
-        f"overrides='num_users=2 guard.alpha=0' out-dir='{tmp_path / 'run'}'",
-    )
-    assert "docl-flower: " in proc.stdout + proc.stderr and "alpha" in proc.stdout + proc.stderr
-    assert statuses(flwr_home) == ["finished:failed"]
-    assert not (tmp_path / "run" / "results.json").exists()
+    assert sorted(statuses(flwr_home)) == ["finished:completed", "finished:failed"]
