@@ -480,7 +480,11 @@ def _build_guard(node: object) -> tuple[Guard, float, GuardCalibration | None]:
             )
         target = data.get("target_acceptance")
         share = data.get("calibration_share", DEFAULT_CALIBRATION_SHARE)
-        calibration = None if target is None else GuardCalibration(target, share)  # type: ignore[arg-type]
+        # Checked also while unused: a bad value must not wait for the day it is used.
+        share = GuardCalibration(0.5, share).calibration_share  # type: ignore[arg-type]
+        calibration = None
+        if target is not None:
+            calibration = GuardCalibration(target, share)  # type: ignore[arg-type]
         return make_guard(name, alpha, str(sided)), max_alpha, calibration
 
 
