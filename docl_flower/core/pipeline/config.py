@@ -441,15 +441,16 @@ class GuardCalibration:
     calibration_share: float = DEFAULT_CALIBRATION_SHARE
 
     def __post_init__(self) -> None:
-        check_number("target_acceptance", self.target_acceptance, above=0.0)
-        if not self.target_acceptance < 1.0:
-            raise ValueError(f"target_acceptance must be in (0, 1), got {self.target_acceptance!r}")
-        check_number("calibration_share", self.calibration_share, above=0.0)
-        if not self.calibration_share < 1.0:
-            raise ValueError(
-                f"calibration_share must be in (0, 1): some harmless images measure the "
-                f"achieved acceptance, got {self.calibration_share!r}"
-            )
+        _open_fraction("target_acceptance", self.target_acceptance)
+        _open_fraction("calibration_share", self.calibration_share)
+
+
+def _open_fraction(name: str, value: object) -> float:
+    """A number in (0, 1): a target of 1 blocks nothing, a share of 1 leaves nothing to test."""
+    number = check_number(name, value, above=0.0)
+    if not number < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return number
 
 
 def _build_guard(node: object) -> tuple[Guard, float, GuardCalibration | None]:
@@ -478,13 +479,14 @@ def _build_guard(node: object) -> tuple[Guard, float, GuardCalibration | None]:
                 f"alpha {alpha} is above max_alpha {max_alpha} (the loosest alpha the upload "
                 "check judged); raise guard.max_alpha"
             )
+        # The share is checked also while unused: a bad value must not wait for its day.
+        share = _open_fraction(
+            "calibration_share", data.get("calibration_share", DEFAULT_CALIBRATION_SHARE)
+        )
         target = data.get("target_acceptance")
-        share = data.get("calibration_share", DEFAULT_CALIBRATION_SHARE)
-        # Checked also while unused: a bad value must not wait for the day it is used.
-        share = GuardCalibration(0.5, share).calibration_share  # type: ignore[arg-type]
         calibration = None
         if target is not None:
-            calibration = GuardCalibration(target, share)  # type: ignore[arg-type]
+            calibration = GuardCalibration(_open_fraction("target_acceptance", target), share)
         return make_guard(name, alpha, str(sided)), max_alpha, calibration
 
 
