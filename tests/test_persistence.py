@@ -107,3 +107,84 @@ def test_streaming_grid_hands_over_each_reply_as_it_arrives():
     replies = list(grid.send_and_receive(sent, timeout=5.0))
     assert [r.metadata.src_node_id for r in replies] == [1, 2]
     assert calls == [[1], [1, 2]]  # node 1 was handled before node 2 had answered
+
+
+def _sent(node: int) -> Mock:
+    m = Mock(spec=Message)
+    m.content = RecordDict({keys.METRICS_RECORD: MetricRecord({"x": 1})})
+    m.metadata.dst_node_id = node
+    m.metadata.message_type = "train"
+    m.metadata.group_id = "1"
+    m.metadata.ttl = 60.0
+    return m
+
+
+def _create(content, message_type, dst_node_id, group_id, ttl):  # type: ignore[no-untyped-def]
+    """What ``Grid.create_message`` would make (a real one needs a run)."""
+    m = _sent(dst_node_id)
+    m.content = content
+    m.metadata.message_type, m.metadata.group_id, m.metadata.ttl = message_type, group_id, ttl
+    return m
+
+
+def _answer(reply_to: str, node: int, error_code: int | None = None) -> Mock:
+    m = Mock(spec=Message)
+    m.metadata.reply_to_message_id = reply_to
+    m.metadata.src_node_id = node
+    m.has_error.return_value = error_code is not None
+    m.error.code = error_code
+    m.error.reason = "Reply message objects are unavailable. (the object could not be found)"
+    return m
+
+
+def test_streaming_grid_sends_again_a_message_whose_reply_was_lost_in_transport():
+    from flwr.common.constant import ErrorCode
+
+    inner = Mock()
+    pushed: list[list[Message]] = []
+
+    def push(batch):  # type: ignore[no-untyped-def]
+        pushed.append(list(batch))
+        return [f"id{len(pushed)}-{i}" for i in range(len(batch))]
+
+    inner.push_messages.side_effect = push
+    inner.create_message.side_effect = _create
+    lost = ErrorCode.MESSAGE_UNAVAILABLE
+    batches = [
+        [_answer("id1-0", 1, lost), _answer("id1-1", 2, ErrorCode.NODE_UNAVAILABLE)],
+        [],
+        [_answer("id2-0", 1, lost)],  # lost again: no second resend, handed on
+    ]
+    inner.pull_messages.side_effect = lambda ids: batches.pop(0) if batches else []
+    seen: list[tuple[int | None, int | None]] = []
+    grid = StreamingGrid(inner, lambda m, n: seen.append((n, m.error.code)), poll_s=0.0)
+    replies = list(grid.send_and_receive([_sent(1), _sent(2)], timeout=5.0))
+    # node 1's message was sent once more, as a copy with the same content and header fields
+    assert len(pushed) == 2 and len(pushed[1]) == 1
+    again, first = pushed[1][0], pushed[0][0]
+    assert again is not first and again.content is first.content
+    assert again.metadata.dst_node_id == 1 and again.metadata.message_type == "train"
+    assert again.metadata.group_id == "1" and again.metadata.ttl == 60.0
+    assert grid.resent == {1: 1}
+    # a node that is down is not asked again; the second loss is handed on as the answer
+    assert seen == [(2, ErrorCode.NODE_UNAVAILABLE), (1, lost)]
+    assert len(replies) == 2
+
+
+def test_streaming_grid_resends_a_lost_reply_and_hands_on_the_good_one():
+    from flwr.common.constant import ErrorCode
+
+    inner = Mock()
+    inner.push_messages.side_effect = lambda batch: [f"id-{len(inner.push_messages.mock_calls)}"]
+    inner.create_message.side_effect = _create
+    batches = [[_answer("id-1", 7, ErrorCode.MESSAGE_UNAVAILABLE)], [_answer("id-2", 7)]]
+    inner.pull_messages.side_effect = lambda ids: batches.pop(0) if batches else []
+    seen: list[int | None] = []
+    grid = StreamingGrid(inner, lambda m, n: seen.append(n), poll_s=0.0)
+    replies = list(grid.send_and_receive([_sent(7)], timeout=5.0))
+    assert seen == [7] and len(replies) == 1 and not replies[0].has_error()
+    # with resends turned off, the lost reply is the answer
+    batches[:] = [[_answer("id-3", 7, ErrorCode.MESSAGE_UNAVAILABLE)]]
+    off = StreamingGrid(inner, lambda m, n: seen.append(n), poll_s=0.0, max_resends=0)
+    (only,) = off.send_and_receive([_sent(7)], timeout=5.0)
+    assert only.has_error() and off.resent == {}
