@@ -13,6 +13,9 @@ megapixels is refused, and each file is decoded in a worker process that is repl
 file crashes it or takes longer than 15 s, so no file can stop the others from being decided.
 Exit status: 0 when every file was decided, 1 when some file could not be read, 2 for bad
 arguments or a filter that cannot be used.
+
+Loading the filter and deciding live in :mod:`.deciding`, shared with ``docl-flower filter
+serve``, which decides the same files with the same scores, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from safetensors import SafetensorError
 
 from docl_flower.core.data.folders import read_image
-from docl_flower.core.features.extractors import FeatureExtractor
-from docl_flower.core.filter.global_filter import GUARDS, GlobalFilter, Guard, Registration
+from docl_flower.core.filter.global_filter import GUARDS
 from docl_flower.core.filter.store import META_FILE, load_filter
-from docl_flower.core.pipeline.components import build
+
+from .deciding import FilterError, decide, load, one_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 PROG = "docl-flower filter check"
@@ -39,10 +41,6 @@ PROG = "docl-flower filter check"
 EXIT_OK = 0
 EXIT_FILE_ERRORS = 1
 EXIT_USAGE = 2
-
-
-class FilterError(Exception):
-    """The filter folder cannot be used (the message names the folder)."""
 
 
 def collect(paths: Sequence[Path]) -> list[Path]:
@@ -167,69 +165,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _saved_alpha(meta: object, guard_name: str, sided: str) -> float | None:
-    """The alpha the run calibrated for this Guard rule (``guard.target_acceptance``), if any."""
-    cal = meta.get("calibration") if isinstance(meta, dict) else None
-    if not isinstance(cal, dict) or (cal.get("guard"), cal.get("sided")) != (guard_name, sided):
-        return None
-    alpha = cal.get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise ValueError(f"calibration alpha must be a number, got {alpha!r}")
-    return float(alpha)
-
-
-def _load(
-    folder: Path, guard_name: str, alpha: float | None
-) -> tuple[list[Registration], FeatureExtractor, Guard, float, list[int] | None]:
-    """The filter's autoencoders, its feature extractor and the Guard; raises FilterError."""
-    try:
-        regs, meta = load_filter(folder)
-    except FileNotFoundError as err:
-        raise FilterError(f"{folder}: not a saved filter ({err.filename} is missing)") from err
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-        text = _one_line(err).removeprefix(f"{folder}: ")
-        raise FilterError(f"{folder}: cannot read the filter ({text})") from err
-    config = meta.get("config") if isinstance(meta, dict) else None
-    if not isinstance(config, dict):
-        config = {}
-    try:
-        features = build("features", config["features"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise FilterError(f"{folder}: no usable extractor ({_one_line(err)})") from err
-    if not isinstance(features, FeatureExtractor):
-        raise FilterError(f"{folder}: not a feature extractor")
-    try:
-        guard_cfg = config.get("guard", {})
-        guard_cfg = guard_cfg if isinstance(guard_cfg, dict) else {}
-        sided = str(guard_cfg.get("sided", "two"))
-        if alpha is None:
-            alpha = _saved_alpha(meta, guard_name, sided)
-        if alpha is None:
-            alpha = float(guard_cfg.get("alpha", 1.5))
-        guard = GUARDS[guard_name](alpha, sided)
-        # The loosest alpha whose blocking region the upload check judged (a filter saved
-        # before max_alpha existed was judged at its own alpha only).
-        limit = float(guard_cfg.get("max_alpha") or guard_cfg.get("alpha") or 1.5)
-    except (TypeError, ValueError) as err:
-        raise FilterError(f"{folder}: the filter's guard {_one_line(err)}") from err
-    if not alpha <= limit:
-        raise FilterError(
-            f"{folder}: alpha {alpha:g} is looser than this filter allows (max_alpha "
-            f"{limit:g}: its uploads were checked for what a Guard up to that alpha can block)"
-        )
-    dataset = config.get("dataset")
-    raw = dataset.get("image_shape") if isinstance(dataset, dict) else None
-    shape: list[int] | None = None
-    if isinstance(raw, list) and len(raw) in (2, 3):
-        sides = [s for s in raw if isinstance(s, int) and not isinstance(s, bool) and s > 0]
-        shape = sides if len(sides) == len(raw) else None
-    return regs, features, guard, alpha, shape
-
-
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``docl-flower filter check``; returns the exit code.
 
@@ -237,20 +172,21 @@ def main(argv: Sequence[str]) -> int:
     """
     args = _parser().parse_args(list(argv))
     try:
-        regs, features, guard, alpha, shape = _load(args.filter, args.guard, args.alpha)
-        flt = GlobalFilter(regs)
+        # check's own name for the reader, so that a test can stand in for it
+        loaded = load(args.filter, args.guard, args.alpha, read=load_filter)
     except (FilterError, ValueError) as err:
-        print(f"{PROG}: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     try:
         files = collect(args.paths)
     except OSError as err:  # a named folder that cannot be listed
         where = shown(Path(err.filename)) if err.filename else "a folder"
-        print(f"{PROG}: {where}: cannot list ({err.strerror or _one_line(err)})", file=sys.stderr)
+        print(f"{PROG}: {where}: cannot list ({err.strerror or one_line(err)})", file=sys.stderr)
         return EXIT_USAGE
     if not files:
         print(f"{PROG}: no image files found", file=sys.stderr)
         return EXIT_USAGE
+    shape = list(loaded.image_shape) if loaded.image_shape is not None else None
     if args.image_size is not None:
         shape = [int(args.image_size[0]), int(args.image_size[1]), *(shape or [])[2:]]
     if shape is None:
@@ -268,27 +204,22 @@ def main(argv: Sequence[str]) -> int:
             decided.append(f)
         except Exception as err:  # whatever one file makes the decoder do is that file's error
             failed += 1
-            print(f"{PROG}: {shown(f)}: cannot read image ({_one_line(err)})", file=sys.stderr)
+            print(f"{PROG}: {shown(f)}: cannot read image ({one_line(err)})", file=sys.stderr)
     rows: list[str] = []
     if decided:
         try:
-            scores = flt.scores(features(np.stack(images)))
+            decisions = decide(loaded, np.stack(images), args.uploader)
         except ValueError as err:  # --image-size gives features of another size
-            print(f"{PROG}: {args.filter}: {_one_line(err)} (check --image-size)", file=sys.stderr)
+            print(f"{PROG}: {args.filter}: {one_line(err)} (check --image-size)", file=sys.stderr)
             return EXIT_USAGE
-        idx, dmin = flt.predict(scores)
-        block = guard.block(flt, scores, args.uploader)
-        for f, i, d, b in zip(decided, idx.tolist(), dmin.tolist(), block.tolist(), strict=True):
-            reg = regs[i]
-            hi = reg.err_mean + alpha * reg.err_std
-            lo = reg.err_mean - alpha * reg.err_std if guard.sided == "two" else float("-inf")
+        for f, d in zip(decided, decisions, strict=True):
             rows.append(
-                f"{shown(f)}\t{reg.user_id}\t{reg.label}\t{d:.3f}\t[{lo:.3f}, {hi:.3f}]\t"
-                f"{'block' if b else 'share'}"
+                f"{shown(f)}\t{d.owner}\t{d.label}\t{d.score:.3f}\t[{d.low:.3f}, {d.high:.3f}]\t"
+                f"{d.decision}"
             )
     print(
-        f"filter: {len(regs)} autoencoders; guard {args.guard} ({guard.sided}-sided), "
-        f"alpha {alpha}; "
+        f"filter: {loaded.size} autoencoders; guard {args.guard} ({loaded.guard.sided}-sided), "
+        f"alpha {loaded.alpha}; "
         f"uploader {args.uploader}"
     )
     print("image\tpredicted_owner\tpredicted_class\tscore\tinterval\tdecision")

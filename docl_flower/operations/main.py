@@ -202,12 +202,17 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def cli() -> None:
-    """Console script ``docl-flower``: Hydra overrides, or ``filter check`` (a saved filter).
+    """Console script ``docl-flower``: Hydra overrides, ``filter check`` or ``filter serve``.
 
     SIGINT, SIGTERM and SIGHUP stop every process the command started (SuperLink, ``flwr
     run``, the simulation, Ray) and exit with status 128 + the signal's number (130, 143, 129);
-    if the command is killed (SIGKILL), its watchdog stops them.
+    if the command is killed (SIGKILL), its watchdog stops them. ``filter serve`` handles
+    SIGINT and SIGTERM itself: it answers the requests in flight and exits 0.
     """
+    if sys.argv[1:3] == ["filter", "serve"]:
+        from .serve import main as serve_main
+
+        sys.exit(serve_main(sys.argv[3:]))
     with exit_on_signals():
         if sys.argv[1:3] == ["filter", "check"]:
             from .check import main as check_main
