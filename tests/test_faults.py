@@ -31,7 +31,7 @@ from docl_flower.core.filter.store import META_FILE, load_filter
 from docl_flower.core.pipeline.config import PROJECT_ROOT
 from docl_flower.operations.deploy import DeploymentError, LocalDeployment
 
-from . import attacker
+from . import attacker, quick_heartbeat
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,9 @@ def _experiment(path: Path, tiny_root: Path, filter_dir: Path, bindings: Path) -
                 f"data_root={tiny_root}",
                 "dataset.verify=false",
                 "dataset.harmless.verify=false",
-                "train.epochs=150",
+                # ~160 steps: a few seconds per user with 8 training at once on 2 cores, long
+                # enough to be killed mid-training (the test waits for the first epoch's line)
+                "train.epochs=40",
                 "train.batch_size=16",
                 "train.min_steps=0",
                 "train.num_threads=1",
@@ -90,8 +92,9 @@ def _experiment(path: Path, tiny_root: Path, filter_dir: Path, bindings: Path) -
                 f"strategy.filter_path={filter_dir}",
                 f"strategy.bindings_path={bindings}",
                 "strategy.node_wait_s=90",
-                # the killed node's heartbeat verdict must come first, also on a loaded host
-                "strategy.timeout_s=300",
+                # the killed node's heartbeat verdict (~20 s, see quick_heartbeat) must come
+                # first, also on a loaded host
+                "strategy.timeout_s=240",
             ],
         )
     OmegaConf.save(cfg, path, resolve=True)
@@ -101,10 +104,12 @@ def test_deployment_survives_faults(tiny_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "deploy"
     filter_dir = out / "filter"
     bad_bin = attacker.install(tmp_path / "attacker-bin").parent
-    with LocalDeployment(out) as dep:
+    supernode = quick_heartbeat.install(tmp_path / "supernode-bin")
+    with LocalDeployment(out, supernode=supernode) as dep:
         dep.start_superlink()
         data = f"data-dir='{tiny_root / 'mnist'}'"
-        for user in range(USERS):
+
+        def add(user: int) -> None:
             config = f"user-id={user} {data}"
             if user in TAMPERED:
                 env = {
@@ -117,6 +122,10 @@ def test_deployment_survives_faults(tiny_root: Path, tmp_path: Path) -> None:
                 dep.add_node(user, config, register=False, max_retries=2)
             else:
                 dep.add_node(user, config)
+
+        # Keys are registered with one `flwr` command each (~2 s of start-up): a few at once.
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(add, range(USERS)))
         no_tls = dep.add_node(
             100 + REFUSED, f"user-id={REFUSED} {data}", insecure=True, max_retries=2
         )
@@ -151,6 +160,7 @@ def test_deployment_survives_faults(tiny_root: Path, tmp_path: Path) -> None:
         assert sorted(int(u) for u in failed) == [KILLED, *TAMPERED, REFUSED]
         assert failed[str(KILLED)].startswith(f"no valid reply: node {dep.nodes[KILLED].node_id}")
         assert "Node Unavailable" in failed[str(KILLED)]  # Flower's heartbeat verdict
+        # (each SuperNode announced the shorter interval, and the SuperLink took it)
         assert "non-finite" in failed["4"]
         assert "shape" in failed["5"]
         assert "err-std 0.0 outside" in failed["6"]

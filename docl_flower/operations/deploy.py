@@ -67,13 +67,16 @@ class LocalDeployment:
         Folder for certificates, keys, logs, the SuperLink database and ``FLWR_HOME``.
     secure : bool
         TLS and SuperNode authentication (default). ``False`` is for debugging only.
+    supernode : Path, optional
+        The ``flower-supernode`` executable to start (default: the one next to this Python).
     """
 
-    def __init__(self, out: Path, secure: bool = True) -> None:
+    def __init__(self, out: Path, secure: bool = True, supernode: Path | None = None) -> None:
         self.out = out.resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.secure = secure
         self.bindir = str(Path(sys.executable).parent)
+        self.supernode = str(supernode or Path(self.bindir) / "flower-supernode")
         self.flwr_home = self.out / "flwr-home"
         self.flwr_home.mkdir(exist_ok=True)
         self.env = flwr_env(self.flwr_home)
@@ -194,7 +197,7 @@ class LocalDeployment:
         """Start (or restart) the SuperNode of ``user``."""
         node = self.nodes[user]
         cmd = [
-            f"{self.bindir}/flower-supernode",
+            self.supernode,
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--port",
