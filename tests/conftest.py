@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +128,36 @@ def _filter_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("DOCL_FLOWER_FILTER_KEY", None)
     else:
         os.environ["DOCL_FLOWER_FILTER_KEY"] = before
+
+
+@dataclass(frozen=True)
+class Multirun:
+    """One ``docl-flower -m`` sweep and what it printed (see the ``multirun`` fixture)."""
+
+    proc: subprocess.CompletedProcess[str]
+    sweep: Path
+    marker: str
+
+
+@pytest.fixture(scope="session")
+def multirun(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Multirun:
+    """``docl-flower -m ... guard.alpha=1.0,2.0``: two jobs of 3 users, each one Flower run.
+
+    Run once per session and shared by the tests that read what a run writes (each full
+    run costs 20-40 s). Every process of the runs has ``DOCL_TEST_MARKER=<marker>`` in its
+    environment.
+    """
+    from .test_e2e import run_cli, small_run_args
+
+    marker = uuid.uuid4().hex
+    sweep = tmp_path_factory.mktemp("multirun") / "sweep"
+    args = [a for a in small_run_args(tiny_root, sweep.parent / "unused") if "hydra" not in a]
+    proc = run_cli(
+        "-m",
+        *args,
+        "guard.alpha=1.0,2.0",
+        f"hydra.sweep.dir={sweep}",
+        timeout=600,
+        env={"DOCL_TEST_MARKER": marker},
+    )
+    return Multirun(proc, sweep, marker)

@@ -6,23 +6,26 @@ import json
 import os
 import subprocess
 import sys
-import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from docl_flower.core.filter import native
 
-from .conftest import make_tiny_root, processes_with
+from .conftest import Multirun, make_tiny_root, processes_with
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "docl-flower")
 
 
-def run_cli(*overrides: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
+def run_cli(
+    *overrides: str, timeout: float = 400, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``docl-flower OVERRIDES...`` with this environment plus ``env``."""
+    full = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1", **(env or {})}
     return subprocess.run(
-        [CLI, *overrides], capture_output=True, text=True, timeout=timeout, env=env, check=False
+        [CLI, *overrides], capture_output=True, text=True, timeout=timeout, env=full, check=False
     )
 
 
@@ -45,28 +48,17 @@ def small_run_args(root: Path, out: Path, users: int = 3) -> list[str]:
 
 
 def test_a_multirun_runs_each_job_as_one_flower_run_that_writes_its_results(
-    tiny_root, tmp_path, monkeypatch
-):
-    """Hydra's ``-m``: one Flower run per job, each with everything a run must write.
-
-    Job 0 runs on a Ray head of its own (the default), job 1 on ``simulation.ray_address=local``
-    (a Ray started by Flower's simulation): the two agree on every result.
-    """
-    # Prepare: a marker in the environment that every process of the runs inherits.
-    marker = uuid.uuid4().hex
-    monkeypatch.setenv("DOCL_TEST_MARKER", marker)
-    sweep = tmp_path / "sweep"
-    args = [a for a in small_run_args(tiny_root, tmp_path / "unused") if "hydra" not in a]
-    # Execute
-    proc = run_cli(
-        "-m", *args, "simulation.ray_address=null,local", f"hydra.sweep.dir={sweep}", timeout=600
-    )
-    # Assert
+    multirun: Multirun,
+) -> None:
+    """Hydra's ``-m``: one Flower run per job (``guard.alpha=1.0,2.0``), each on a Ray head of
+    its own, with everything a run must write (checked on the first job)."""
+    proc, sweep = multirun.proc, multirun.sweep
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
-    assert [r["config"]["simulation"]["ray_address"] for r in runs] == [None, "local"]
+    assert [r["alpha"] for r in runs] == [1.0, 2.0]
     assert runs[0]["flower_run_id"] != runs[1]["flower_run_id"]
-    for key in ("overall_accuracy", "per_class_accuracy", "guarded_accuracy", "registered"):
+    # The same seeds: the same autoencoders and owners; only the Guard differs.
+    for key in ("overall_accuracy", "per_class_accuracy", "registered"):
         assert runs[0][key] == runs[1][key], key
     assert runs[0]["ray_cluster"]["alive_nodes"] == 1
     # The command ended each run once the ServerApp had written that run's results, and
@@ -74,7 +66,7 @@ def test_a_multirun_runs_each_job_as_one_flower_run_that_writes_its_results(
     for i, results in enumerate(runs):
         main_log = (sweep / str(i) / "main.log").read_text()
         assert f"run {results['flower_run_id']}: the app wrote its results" in main_log
-    assert processes_with(f"DOCL_TEST_MARKER={marker}") == []
+    assert processes_with(f"DOCL_TEST_MARKER={multirun.marker}") == []
     results = runs[0]
     assert results["registered"] == [0, 1, 2]
     assert results["failed"] == {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from docl_flower.operations.simulation import (
 )
 
 from .conftest import PROJECT_ROOT, processes_with
-from .test_e2e import run_cli
+from .test_e2e import run_cli, small_run_args
 
 
 def _fab_files(app: Path) -> dict[str, str]:
@@ -168,8 +169,21 @@ def test_the_private_ray_head_is_killed_with_its_workers_and_session_folder(tmp_
     assert left == [], left
 
 
-# The default (a Ray head of the run's own) and ``simulation.ray_address=local`` give the same
-# results: tests/test_e2e.py's multirun runs one job on each.
+@pytest.mark.slow
+def test_a_run_gets_its_own_ray_head_and_the_same_results(multirun, tiny_root, tmp_path):
+    """The default (a private head: the shared multirun's first job) and
+    ``simulation.ray_address=local`` agree on everything."""
+    assert multirun.proc.returncode == 0, multirun.proc.stderr[-3000:]
+    private = json.loads((multirun.sweep / "0" / "results.json").read_text())
+    out = tmp_path / "local"
+    args = small_run_args(tiny_root, out)
+    proc = run_cli(*args, "guard.alpha=1.0", "simulation.ray_address=local")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    local = json.loads((out / "results.json").read_text())
+    for key in ("overall_accuracy", "per_class_accuracy", "guarded_accuracy", "registered"):
+        assert private[key] == local[key], key
+    assert private["ray_cluster"]["alive_nodes"] == 1
+    assert private["failed"] == {}
 
 
 # --- the end of a run: docl-flower stops it once the ServerApp has written its results
