@@ -16,8 +16,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/docl-flower $(ARGS)
 
+# Two pytest sessions side by side, one per core: the "serial" tests (Flower runs, Ray heads,
+# timed processes; tests/conftest.py) one after another, and the rest. The serial session's
+# output follows the other's; the exit status is the worse of the two.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@rm -f .test-serial.log; \
+	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS) > .test-serial.log 2>&1 & serial=$$!; \
+	$(BIN)/python -m pytest -m "not serial" $(PYTEST_ARGS); rest=$$?; \
+	wait $$serial; status=$$?; \
+	echo "---------------- the serial tests (tests/conftest.py: SERIAL) ----------------"; \
+	cat .test-serial.log; \
+	exit $$(( rest > status ? rest : status ))
 
 lint: $(STAMP)
 	$(BIN)/ruff check docl_flower tests scripts

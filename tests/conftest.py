@@ -22,6 +22,29 @@ from docl_flower.operations.processes import process_table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+#: Tests marked ``serial``: ``make test`` runs them one after another in one pytest session and
+#: the rest of the suite in a second session beside it (one per core): whole Flower runs and
+#: deployments, Ray heads, Flower's managed SuperLink on its fixed ports, and tests that time
+#: real processes (a command refused "within 10 s", a SIGKILLed run cleaned up "within 10 s").
+#: Files, or ``file::test`` for one test of a file.
+SERIAL = (
+    # Flower runs and deployments first (the long ones) ...
+    "test_faults.py",
+    "test_flwr_run.py",
+    "test_e2e.py",
+    "test_feature_stats_e2e.py",
+    "test_ray_cluster.py",
+    # ... then the timed ones, which come last so that the other session has ended by then.
+    "test_startup.py",
+    "test_signals.py",
+    "test_filter_lock.py",
+    "test_settings.py",
+    "test_hostile_files.py",
+    "test_config.py::test_a_bad_value_on_the_command_line_fails_in_one_line_before_flower_starts",
+    "test_features.py::test_two_processes_asking_at_once_compute_once",
+    "test_serve.py::test_the_command_serves_over_tls_and_drains_requests_in_flight_on_sigterm",
+)
+
 # CI (.ci/run) draws the same hypothesis examples every time, so that a run lands or fails on
 # the code, not on the draw; a local `make test` draws new ones (and replays saved failures).
 settings.register_profile("ci", derandomize=True, database=None)
@@ -161,3 +184,31 @@ def multirun(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Multi
         env={"DOCL_TEST_MARKER": marker},
     )
     return Multirun(proc, sweep, marker)
+
+
+def _serial_rank(item: pytest.Item) -> int | None:
+    """Position in :data:`SERIAL` of the entry naming ``item`` (None: not serial)."""
+    file = item.path.name
+    name = f"{file}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
+    for rank, entry in enumerate(SERIAL):
+        if entry in (file, name):
+            return rank
+    return None
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark each serial test as it is collected (``-m serial`` selects them)."""
+    if _serial_rank(item) is not None:
+        item.add_marker(pytest.mark.serial)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the serial tests first, in :data:`SERIAL`'s order (the longest first)."""
+    ranks = {id(item): _serial_rank(item) for item in items}
+    order = {id(item): i for i, item in enumerate(items)}
+
+    def key(item: pytest.Item) -> tuple[int, int]:
+        rank = ranks[id(item)]
+        return (rank if rank is not None else len(SERIAL), order[id(item)])
+
+    items.sort(key=key)
