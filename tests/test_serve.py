@@ -325,6 +325,7 @@ def test_every_v1_endpoint_needs_the_token(client, digits, headers):
         ("POST", "/v1/check?uploader=0", {"content": _png_bytes(digits[0])}),
         ("POST", "/v1/check-batch?uploader=0", {"files": {"images": ("a.png", b"x")}}),
         ("GET", "/v1/filter", {}),
+        ("GET", "/v1/stats", {}),
         ("POST", "/v1/reload", {}),
     ]
     for method, url, kwargs in calls:
@@ -333,7 +334,7 @@ def test_every_v1_endpoint_needs_the_token(client, digits, headers):
         )
         _is_error(response, 401, "unauthorized")
         assert response.headers["www-authenticate"] == "Bearer"
-    for url in ("/healthz", "/readyz", "/metrics"):
+    for url in ("/", "/healthz", "/readyz", "/metrics"):
         assert client.get(url).status_code == 200
 
 
@@ -593,6 +594,7 @@ def test_the_openapi_schema_names_every_v1_response(client):
         "/v1/check",
         "/v1/check-batch",
         "/v1/filter",
+        "/v1/stats",
         "/v1/reload",
         "/healthz",
         "/readyz",
@@ -612,6 +614,7 @@ def test_the_openapi_schema_names_every_v1_response(client):
     assert named[("post", "/v1/check", "200")] == "CheckResult"
     assert named[("post", "/v1/check-batch", "200")] == "CheckBatchResponse"
     assert named[("get", "/v1/filter", "200")] == "FilterInfo"
+    assert named[("get", "/v1/stats", "200")] == "Stats"
     assert named[("post", "/v1/reload", "200")] == "ReloadResponse"
     assert named[("post", "/v1/check", "503")] == "ErrorResponse"
     body = schema["paths"]["/v1/check"]["post"]["requestBody"]["content"]

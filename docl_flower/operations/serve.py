@@ -16,11 +16,17 @@ Guard: :mod:`.deciding`):
     unreadable file gets its own error, the others are decided).
 ``GET /v1/filter``
     Users, classes, extractor, Guard, alpha, version (SHA-256 of ``filter.json``), size.
+``GET /v1/stats``
+    Images decided since the service started, by outcome (block, share, error).
 ``POST /v1/reload``
     Read the filter folder again, verify it and swap it in; a filter that fails is refused
     (422, or 409 when it needs another image size) and the old one keeps serving.
 
-``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus text) need no token; every ``/v1``
+``GET /`` is the operator page (:data:`PAGE_FILE`): it holds no filter data and calls the
+``/v1`` API with the token the operator types in. It is served with a Content-Security-Policy
+that allows only its own inline script and style (by SHA-256 hash) and requests to this origin.
+
+``/``, ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus text) need no token; every ``/v1``
 endpoint needs ``Authorization: Bearer TOKEN`` (the token file, created with 32 random bytes
 and mode 0600 when missing). Every error is ``{"error": {"code": ..., "message": ...}}``.
 
@@ -37,7 +43,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -55,6 +64,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
@@ -62,7 +72,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from numpy.typing import NDArray
 from prometheus_client import (
@@ -107,6 +117,8 @@ MAX_FILES = 64
 DECODERS = 2
 #: Seconds between two looks at ``filter.json`` by the command (0: never).
 POLL_S = 5.0
+#: The operator page served at ``/`` (package data next to this module).
+PAGE_FILE = "serve_page.html"
 
 _UPLOADER = re.compile(r"-1|0|[1-9][0-9]{0,17}")
 _RAW_TYPES = ("application/octet-stream",)
@@ -181,6 +193,21 @@ class ReloadResponse(BaseModel):
     changed: bool = Field(description="whether filter.json's digest differs from before")
     previous_version: str
     filter: FilterInfo
+
+
+class Decisions(BaseModel):
+    """Images decided since the service started, by outcome."""
+
+    block: int
+    share: int
+    error: int = Field(description="images answered with an error (unreadable, too large...)")
+
+
+class Stats(BaseModel):
+    """What the service has done so far."""
+
+    decisions: Decisions
+    queue_depth: int = Field(description="images admitted and not yet taken into a batch")
 
 
 class Status(BaseModel):
@@ -266,10 +293,16 @@ class Metrics:
         self.reloads = Counter(
             "docl_serve_reloads", "Filter reloads, by result", ["result"], registry=r
         )
-        for outcome in ("block", "share", "error"):
+        self.decided = dict.fromkeys(("block", "share", "error"), 0)
+        for outcome in self.decided:
             self.decisions.labels(outcome)
         for result in ("ok", "failed"):
             self.reloads.labels(result)
+
+    def decide(self, outcome: str) -> None:
+        """Count one image decided (``block`` or ``share``) or answered with an error."""
+        self.decisions.labels(outcome).inc()
+        self.decided[outcome] += 1
 
     def show(self, loaded: LoadedFilter) -> None:
         """Set the filter gauges."""
@@ -427,6 +460,11 @@ class Service:
 
     def _load(self) -> LoadedFilter:
         return load(self.folder, self.guard_name, self.alpha)
+
+    @property
+    def pending(self) -> int:
+        """Images admitted and not yet taken into a batch."""
+        return self._pending
 
     @property
     def ready(self) -> bool:
@@ -601,12 +639,12 @@ class Service:
             owned = 0  # the batcher releases it
             decision, loaded = await future
         except ApiError:
-            self.metrics.decisions.labels("error").inc()
+            self.metrics.decide("error")
             raise
         finally:
             if owned:
                 self._release(owned)
-        self.metrics.decisions.labels(decision.decision).inc()
+        self.metrics.decide(decision.decision)
         return _result(decision, loaded, uploader)
 
     async def check_batch(self, request: Request, uploader: int) -> CheckBatchResponse:
@@ -648,12 +686,12 @@ class Service:
             items = []
             for i, ((filename, _), item) in enumerate(zip(files, pending, strict=True)):
                 if isinstance(item, ApiError):
-                    self.metrics.decisions.labels("error").inc()
+                    self.metrics.decide("error")
                     self.metrics.errors.labels(item.code).inc()
                     items.append(BatchItem(index=i, filename=filename, error=item.detail()))
                     continue
                 decision, loaded = await item
-                self.metrics.decisions.labels(decision.decision).inc()
+                self.metrics.decide(decision.decision)
                 result = _result(decision, loaded, uploader)
                 items.append(BatchItem(index=i, filename=filename, result=result))
         finally:
@@ -780,6 +818,37 @@ def _unsupported(kind: str, wanted: str) -> ApiError:
 
 
 # ---------------------------------------------------------------------------- the app
+
+
+def _csp_hash(text: str) -> str:
+    digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+    return f"'sha256-{digest}'"
+
+
+@functools.cache
+def operator_page() -> tuple[str, str]:
+    """The operator page and its Content-Security-Policy.
+
+    The page's inline ``<script>`` and ``<style>`` are allowed by their SHA-256 hashes (the page
+    never changes while the process runs, so no per-response nonce is needed); everything else
+    is refused but requests to this origin (``connect-src 'self'``) and the preview of the
+    picked image (a ``blob:`` URL made in the page).
+    """
+    html = resources.files("docl_flower.operations").joinpath(PAGE_FILE).read_text(encoding="utf-8")
+    scripts = re.findall(r"<script>(.*?)</script>", html, re.S)
+    styles = re.findall(r"<style>(.*?)</style>", html, re.S)
+    policy = {
+        "default-src": "'none'",
+        "script-src": " ".join(map(_csp_hash, scripts)),
+        "style-src": " ".join(map(_csp_hash, styles)),
+        "img-src": "blob:",
+        "connect-src": "'self'",
+        "base-uri": "'none'",
+        "form-action": "'none'",
+        "frame-ancestors": "'none'",
+    }
+    return html, "; ".join(f"{k} {v}" for k, v in policy.items())
+
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
@@ -975,6 +1044,16 @@ def create_app(
     async def filter_info() -> FilterInfo:
         return _info(service.loaded)
 
+    @app.get(
+        "/v1/stats",
+        response_model=Stats,
+        responses={401: _ERRORS[401]},
+        dependencies=guarded,
+        summary="Images decided so far, by outcome",
+    )
+    async def stats() -> Stats:
+        return Stats(decisions=Decisions(**service.metrics.decided), queue_depth=service.pending)
+
     @app.post(
         "/v1/reload",
         response_model=ReloadResponse,
@@ -988,6 +1067,18 @@ def create_app(
     )
     async def reload() -> ReloadResponse:
         return await service.reload()
+
+    page, policy = operator_page()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def operator() -> HTMLResponse:
+        headers = {
+            "Content-Security-Policy": policy,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache",
+        }
+        return HTMLResponse(page, headers=headers)
 
     @app.get("/healthz", response_model=Status, summary="The process is alive")
     async def healthz() -> Status:
