@@ -28,13 +28,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: real processes (a command refused "within 10 s", a SIGKILLed run cleaned up "within 10 s").
 #: Files, or ``file::test`` for one test of a file.
 SERIAL = (
-    # Flower runs and deployments first (the long ones) ...
-    "test_faults.py",
-    "test_flwr_run.py",
+    # Flower runs first (the other session runs beside them: about 6 minutes) ...
     "test_e2e.py",
+    "test_flwr_run.py",
     "test_feature_stats_e2e.py",
     "test_ray_cluster.py",
-    # ... then the timed ones, which come last so that the other session has ended by then.
+    # ... then the deployment fault test and the timed ones, which come once the other session
+    # has ended: the SuperLink's SQLite database was "locked" on a busy machine.
+    "test_faults.py",
     "test_startup.py",
     "test_signals.py",
     "test_filter_lock.py",

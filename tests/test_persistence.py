@@ -188,3 +188,33 @@ def test_streaming_grid_resends_a_lost_reply_and_hands_on_the_good_one():
     off = StreamingGrid(inner, lambda m, n: seen.append(n), poll_s=0.0, max_resends=0)
     (only,) = off.send_and_receive([_sent(7)], timeout=5.0)
     assert only.has_error() and off.resent == {}
+
+
+def test_streaming_grid_asks_again_when_the_superlink_fails_a_pull():
+    import httpx
+
+    def status(code: int) -> httpx.HTTPStatusError:
+        request = httpx.Request("POST", "https://127.0.0.1:1/v1/runtime/pull-messages")
+        response = httpx.Response(code, request=request)
+        return httpx.HTTPStatusError(f"{code}", request=request, response=response)
+
+    inner = Mock()
+    inner.push_messages.return_value = ["id-1"]
+    outcomes: list[object] = [status(500), status(503), [_answer("id-1", 7)]]
+
+    def pull(ids):  # type: ignore[no-untyped-def]
+        out = outcomes.pop(0)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    inner.pull_messages.side_effect = pull
+    seen: list[int | None] = []
+    grid = StreamingGrid(inner, lambda m, n: seen.append(n), poll_s=0.0)
+    replies = list(grid.send_and_receive([_sent(7)], timeout=10.0))
+    assert seen == [7] and len(replies) == 1 and grid.failed_pulls == 2
+    # a client error (4xx) is not the SuperLink's passing trouble: it is raised
+    outcomes[:] = [status(403)]
+    strict = StreamingGrid(inner, lambda m, n: None, poll_s=0.0)
+    with pytest.raises(httpx.HTTPStatusError):
+        list(strict.send_and_receive([_sent(7)], timeout=5.0))

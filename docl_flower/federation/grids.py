@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import httpx
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -109,6 +110,8 @@ class StreamingGrid(ForwardingGrid):
         self._max_resends = max_resends
         #: node id -> how many times its message was sent again (after a transport error)
         self.resent: dict[int, int] = {}
+        #: pulls that the SuperLink answered with a server error (5xx) and that were repeated
+        self.failed_pulls = 0
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -153,7 +156,17 @@ class StreamingGrid(ForwardingGrid):
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while (pending or waiting) and (timeout is None or time.monotonic() < end):
-            new = list(self._grid.pull_messages(pending)) if pending else []
+            try:
+                new = list(self._grid.pull_messages(pending)) if pending else []
+            except httpx.HTTPStatusError as err:
+                if err.response.status_code < 500:
+                    raise
+                # The SuperLink failed this one call (seen under load: its SQLite database
+                # "is locked"); the replies wait in its store, so ask again at the next poll.
+                self.failed_pulls += 1
+                log.warning("pulling replies failed (%s); asking again", err)
+                time.sleep(max(poll_s, 0.5))
+                continue
             for msg in new:
                 key = msg.metadata.reply_to_message_id
                 pending.discard(key)
