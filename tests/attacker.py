@@ -10,8 +10,6 @@ the device, then runs the real ``flwr-clientapp``. ``DOCL_ATTACK`` names the alt
 from __future__ import annotations
 
 import os
-import stat
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,19 +67,9 @@ def main() -> None:
 
 def install(bindir: Path) -> Path:
     """Write an executable ``flwr-clientapp`` into ``bindir`` that runs :func:`main`."""
-    bindir.mkdir(parents=True, exist_ok=True)
-    exe = bindir / "flwr-clientapp"
-    here = str(Path(__file__).resolve().parent)
-    exe.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path.insert(0, {here!r})\n"
-        "from attacker import main\n"
-        "main()\n",
-        encoding="utf-8",
-    )
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return exe
+    from .wrapped import install as install_command
+
+    return install_command(bindir, "flwr-clientapp", "attacker")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ path, only sooner.
 
 from __future__ import annotations
 
-import stat
 import sys
 from pathlib import Path
 
@@ -35,19 +34,9 @@ def main() -> None:
 
 def install(bindir: Path) -> Path:
     """Write an executable ``flower-supernode`` into ``bindir`` that runs :func:`main`."""
-    bindir.mkdir(parents=True, exist_ok=True)
-    exe = bindir / "flower-supernode"
-    here = str(Path(__file__).resolve().parent)
-    exe.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path.insert(0, {here!r})\n"
-        "from quick_heartbeat import main\n"
-        "main()\n",
-        encoding="utf-8",
-    )
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return exe
+    from .wrapped import install as install_command
+
+    return install_command(bindir, "flower-supernode", "quick_heartbeat")
 
 
 if __name__ == "__main__":
