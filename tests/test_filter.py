@@ -15,6 +15,7 @@ from docl_flower.core.filter.global_filter import (
     StrictGuard,
     reference_scores,
 )
+from docl_flower.core.pipeline.config import PROJECT_ROOT
 
 from .conftest import random_registration
 
@@ -121,6 +122,15 @@ def test_native_kernel_falls_back_when_compilation_fails(monkeypatch, caplog, tm
     assert kernel is None
     assert "compilation failed" in caplog.text
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_an_app_bundle_without_the_kernel_source_reads_the_installed_one(monkeypatch, tmp_path):
+    """A ServerApp imported from a Flower app bundle (Python files only) finds the C++ source of
+    the installed package: a moved source file fails here, not as a silent PyTorch fallback."""
+    assert native._SOURCE_FILE.is_file()
+    assert native.package_file(native.SOURCE_PATH) == native._SOURCE_FILE.resolve()
+    monkeypatch.setattr(native, "_SOURCE_FILE", tmp_path / "bundle" / native._SOURCE_NAME)
+    assert native._read_source() == (PROJECT_ROOT / native.SOURCE_PATH).read_text()
 
 
 def test_scoring_config_rejects_unknown_kernel():

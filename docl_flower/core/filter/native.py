@@ -51,6 +51,8 @@ NEG_LOG2E = -1.4426950408889634
 #: The kernel's C++ source: package data next to this module (see :func:`_read_source`).
 _SOURCE_NAME = "native_kernel.cpp"
 _SOURCE_FILE = Path(__file__).with_name(_SOURCE_NAME)
+#: The same file relative to the project folder, where an app bundle's ServerApp looks for it.
+SOURCE_PATH = f"docl_flower/core/filter/{_SOURCE_NAME}"
 
 
 def _read_source() -> str | None:
@@ -59,9 +61,7 @@ def _read_source() -> str | None:
     A Flower app bundle carries only Python, TOML, Markdown, YAML and JSON files, so a
     ServerApp imported from the bundle reads the source of the installed ``docl-flower``.
     """
-    found = (
-        _SOURCE_FILE if _SOURCE_FILE.is_file() else package_file(f"docl_flower/core/{_SOURCE_NAME}")
-    )
+    found = _SOURCE_FILE if _SOURCE_FILE.is_file() else package_file(SOURCE_PATH)
     if found is None:
         return None
     try:
