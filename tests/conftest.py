@@ -22,22 +22,20 @@ from docl_flower.operations.processes import process_table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-#: Tests marked ``serial``: ``make test`` runs them one after another in one pytest session and
-#: the rest of the suite in a second session beside it (one per core): whole Flower runs and
-#: deployments, Ray heads, Flower's managed SuperLink on its fixed ports, and tests that time
-#: real processes (a command refused "within 10 s", a SIGKILLed run cleaned up "within 10 s").
-#: Files, or ``file::test`` for one test of a file.
+#: ``make test`` runs the suite in two phases. First two pytest sessions side by side, one per
+#: core: the tests marked ``serial`` one after another (Flower's managed SuperLink on its fixed
+#: ports, Ray heads, tests that time real processes: a command refused "within 10 s", a
+#: SIGKILLed run cleaned up "within 10 s"), and the rest of the suite, whose Flower runs
+#: (:data:`FIRST`) come first. Then the tests marked ``alone`` (:data:`ALONE`), by themselves:
+#: the deployment fault test, whose SuperLink database was "locked" and whose replies were
+#: lost in transport on a busy machine. Entries are files, or ``file::test`` for one test.
 SERIAL = (
-    # Flower runs first (the other session runs beside them: about 6 minutes) ...
-    "test_e2e.py",
+    # the longest first
     "test_flwr_run.py",
-    "test_feature_stats_e2e.py",
-    "test_ray_cluster.py",
-    # ... then the deployment fault test and the timed ones, which come once the other session
-    # has ended: the SuperLink's SQLite database was "locked" on a busy machine.
-    "test_faults.py",
-    "test_startup.py",
+    "test_e2e.py::test_a_multirun_runs_each_job_as_one_flower_run_that_writes_its_results",
+    "test_startup.py",  # shares the multirun above (a session fixture)
     "test_signals.py",
+    "test_ray_cluster.py",
     "test_filter_lock.py",
     "test_settings.py",
     "test_hostile_files.py",
@@ -45,6 +43,10 @@ SERIAL = (
     "test_features.py::test_two_processes_asking_at_once_compute_once",
     "test_serve.py::test_the_command_serves_over_tls_and_drains_requests_in_flight_on_sigterm",
 )
+#: Flower runs of the other session, first in it (they take about as long as the serial ones).
+FIRST = ("test_e2e.py", "test_feature_stats_e2e.py")
+#: Run by themselves, after both sessions.
+ALONE = ("test_faults.py",)
 
 # CI (.ci/run) draws the same hypothesis examples every time, so that a run lands or fails on
 # the code, not on the draw; a local `make test` draws new ones (and replays saved failures).
@@ -187,29 +189,49 @@ def multirun(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Multi
     return Multirun(proc, sweep, marker)
 
 
-def _serial_rank(item: pytest.Item) -> int | None:
-    """Position in :data:`SERIAL` of the entry naming ``item`` (None: not serial)."""
+def _entry_rank(item: pytest.Item, entries: tuple[str, ...]) -> int | None:
+    """Position in ``entries`` of the entry naming ``item`` (None: none names it)."""
     file = item.path.name
     name = f"{file}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
-    for rank, entry in enumerate(SERIAL):
+    for rank, entry in enumerate(entries):
         if entry in (file, name):
             return rank
     return None
 
 
+def _serial_rank(item: pytest.Item) -> int | None:
+    """Position in :data:`SERIAL` of the entry naming ``item`` (None: not serial)."""
+    return _entry_rank(item, SERIAL)
+
+
+def _alone(item: pytest.Item) -> bool:
+    return _serial_rank(item) is None and _entry_rank(item, ALONE) is not None
+
+
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """Mark each serial test as it is collected (``-m serial`` selects them)."""
+    """Mark the serial tests and those run alone as they are collected (``-m serial``)."""
     if _serial_rank(item) is not None:
         item.add_marker(pytest.mark.serial)
+    elif _alone(item):
+        item.add_marker(pytest.mark.alone)
+
+
+def order_key(item: pytest.Item) -> tuple[int, int]:
+    """Serial tests first (in :data:`SERIAL`'s order), then :data:`FIRST`, the rest, :data:`ALONE`."""
+    rank = _serial_rank(item)
+    if rank is not None:
+        return (0, rank)
+    if _alone(item):
+        return (3, 0)
+    first = _entry_rank(item, FIRST)
+    return (1, first) if first is not None else (2, 0)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put the serial tests first, in :data:`SERIAL`'s order (the longest first)."""
-    ranks = {id(item): _serial_rank(item) for item in items}
+    """Order the session by :func:`order_key` (stable: files keep their order otherwise)."""
     order = {id(item): i for i, item in enumerate(items)}
 
-    def key(item: pytest.Item) -> tuple[int, int]:
-        rank = ranks[id(item)]
-        return (rank if rank is not None else len(SERIAL), order[id(item)])
+    def key(item: pytest.Item) -> tuple[int, int, int]:
+        return (*order_key(item), order[id(item)])
 
     items.sort(key=key)

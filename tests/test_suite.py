@@ -1,19 +1,23 @@
-"""The suite's own settings: conftest.SERIAL names tests that exist, and marks them."""
+"""The suite's own settings: conftest's SERIAL, FIRST and ALONE name tests that exist, and the
+collection hooks mark and order them."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .conftest import SERIAL, _serial_rank
+import pytest
+
+from .conftest import ALONE, FIRST, SERIAL, _alone, _serial_rank, order_key
 
 HERE = Path(__file__).resolve().parent
 
 
-def test_every_serial_entry_names_a_test_file_or_a_test_in_it():
-    # A renamed file or test would otherwise leave the serial session silently, and run beside
-    # the Flower runs in the other session.
-    for entry in SERIAL:
+@pytest.mark.parametrize("entries", [SERIAL, FIRST, ALONE], ids=["serial", "first", "alone"])
+def test_every_entry_names_a_test_file_or_a_test_in_it(entries):
+    # A renamed file or test would otherwise leave its group silently (a Flower run beside the
+    # other session's, or the fault test under load).
+    for entry in entries:
         file, _, name = entry.partition("::")
         path = HERE / file
         assert path.is_file(), entry
@@ -21,13 +25,13 @@ def test_every_serial_entry_names_a_test_file_or_a_test_in_it():
             assert re.search(rf"^def {re.escape(name)}\(", path.read_text(), re.M), entry
 
 
-def test_the_serial_tests_are_marked_and_come_first_in_their_order(request):
+def test_the_groups_are_marked_and_ordered(request):
     # The collection hooks ran on this session's items.
     items = request.session.items
-    ranks = [_serial_rank(item) for item in items]
-    serial = [r for r in ranks if r is not None]
-    assert ranks[: len(serial)] == serial, "a serial test after a non-serial one"
-    assert serial == sorted(serial), "serial tests out of SERIAL's order"
-    for item, rank in zip(items, ranks, strict=True):
-        marked = any(m.name == "serial" for m in item.iter_markers())
-        assert marked is (rank is not None), item.nodeid
+    keys = [order_key(item) for item in items]
+    assert keys == sorted(keys), "a test out of its group's order"
+    for item in items:
+        names = {m.name for m in item.iter_markers()}
+        assert ("serial" in names) is (_serial_rank(item) is not None), item.nodeid
+        assert ("alone" in names) is _alone(item), item.nodeid
+        assert not {"serial", "alone"} <= names, item.nodeid
