@@ -217,7 +217,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def order_key(item: pytest.Item) -> tuple[int, int]:
-    """Serial tests first (in :data:`SERIAL`'s order), then :data:`FIRST`, the rest, :data:`ALONE`."""
+    """Serial tests first (in :data:`SERIAL`'s order), then FIRST, the rest, and ALONE."""
     rank = _serial_rank(item)
     if rank is not None:
         return (0, rank)
