@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
+from docl_flower.core.data.idx import IdxDataset
 from docl_flower.core.filter import native
+from docl_flower.operations import deciding
 
 from .conftest import Multirun, make_tiny_root, processes_with
 
@@ -150,6 +161,54 @@ def test_fedavg_family_baseline_runs_end_to_end(tiny_root, tmp_path):
     assert results["receives_others_parameters"] is True
 
 
+@contextmanager
+def served(folder: Path, workdir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """``docl-flower filter serve FOLDER`` on a free loopback port, checking filter.json every
+    0.2 s: its base URL and the bearer header, while it runs (stopped with SIGTERM after).
+
+    It holds the runs' probe records to the runs' own limit (``strategy.max_block_share=0.5``).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    token = workdir / "serve.token"
+    log = (workdir / "serve.log").open("w")
+    options = ["--port", str(port), "--token-file", str(token), "--poll-s", "0.2"]
+    options += ["--max-block-share", "0.5"]  # as the runs below: tiny data, weak autoencoders
+    proc = subprocess.Popen(
+        [CLI, "filter", "serve", str(folder), *options],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (workdir / "serve.log").read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.1)
+        yield base, {"Authorization": f"Bearer {token.read_text().strip()}"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root, tmp_path):
     # Prepare: users 0 and 1 register into a persistent filter; the Guard is calibrated to a
     # stated acceptance rate at each run.
@@ -165,12 +224,46 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
         e["user_id"]: e["sha256"]
         for e in json.loads((shared / "filter.json").read_text())["entries"]
     }
-    # Execute: a later run with a third user.
-    second = run_cli(
-        *small_run_args(tiny_root, tmp_path / "run2", users=3),
-        f"strategy.filter_path={shared}",
-        calibrated,
-    )
+    # The upload service serves the filter and a load generator checks digits of class 2 (the
+    # new user's) and 0, one request after another, while the next run registers user 2.
+    images, labels = IdxDataset("mnist", str(tiny_root / "mnist"), verify=False).load("test")
+    picked = np.concatenate([np.flatnonzero(labels == c)[:6] for c in (2, 0)])
+    bodies = [_png(images[i]) for i in picked]
+    answers: list[tuple[int, int, dict]] = []  # (image, status, body)
+    stop = threading.Event()
+    with served(shared, tmp_path) as (base, auth):
+
+        def load() -> None:
+            headers = {**auth, "Content-Type": "image/png"}
+            with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+                i = 0
+                while not stop.is_set():
+                    k = i % len(bodies)
+                    response = client.post("/v1/check?uploader=-1", content=bodies[k])
+                    answers.append((k, response.status_code, response.json()))
+                    i += 1
+
+        generator = threading.Thread(target=load)
+        generator.start()
+        try:
+            # Execute: a later run with a third user.
+            second = run_cli(
+                *small_run_args(tiny_root, tmp_path / "run2", users=3),
+                f"strategy.filter_path={shared}",
+                calibrated,
+            )
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{base}/v1/filter", headers=auth).json()["users"] != [0, 1, 2]:
+                assert time.monotonic() < deadline, "the service kept the old filter"
+                time.sleep(0.1)
+            seen = len(answers)
+            while len(answers) < seen + 2 * len(bodies):  # every image again on the new one
+                assert generator.is_alive()
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            generator.join(timeout=60)
+        reloads = httpx.get(f"{base}/metrics").text
     # Assert
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     results = json.loads((tmp_path / "run2" / "results.json").read_text())
@@ -183,6 +276,9 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
         for e in json.loads((shared / "filter.json").read_text())["entries"]
     }
     assert {u: after[u] for u in (0, 1)} == before and 2 in after
+    # Each autoencoder carries the record of the probe check that let it in.
+    entries = json.loads((shared / "filter.json").read_text())["entries"]
+    assert all(e["probe"]["max_block_share"] == 0.5 for e in entries), entries
     # The Guard was calibrated again for the three users, and the filter holds that alpha.
     cal = results["calibration"]
     saved = json.loads((shared / "filter.json").read_text())["calibration"]
@@ -191,6 +287,27 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
     assert cal["test_images"] == results["num_harmless_images"] and cal["images"] >= 10
     assert cal["blocked_bound"] <= 0.1 and cal["calibration_blocked"] <= 0.1
     assert results["acceptance_rate"] >= 0.9 - cal["slack"]
+    # The service: no request failed while the filter changed under it; each answer came from
+    # the old filter or the new one, bit for bit as `filter check` decides with that filter; the
+    # swap happened once, and the new user's digits now name user 2.
+    assert answers and all(status == 200 for _, status, _ in answers), answers[-3:]
+    new_version = json.loads((shared / "filter.json").read_text())["integrity"]["sha256"]
+    versions = [body["filter_version"] for _, _, body in answers]
+    swap = versions.index(new_version)
+    assert swap > 0 and set(versions[swap:]) == {new_version}
+    assert len(set(versions[:swap])) == 1
+    assert re.search(r'^docl_serve_reloads_total\{result="ok"\} 1\.0$', reloads, re.M), reloads
+    decided = deciding.decide(deciding.load(shared), images[picked], -1)
+    for k, _, body in answers[swap:]:
+        d = decided[k]
+        assert (body["decision"], body["predicted_owner"], body["score"]) == (
+            d.decision,
+            d.owner,
+            d.score,
+        )
+    owners_before = {body["predicted_owner"] for k, _, body in answers[:swap] if k < 6}
+    owners_after = {body["predicted_owner"] for k, _, body in answers[swap:] if k < 6}
+    assert 2 not in owners_before and 2 in owners_after
 
 
 def test_local_deployment_with_tls_and_node_auth(tiny_root, tmp_path):

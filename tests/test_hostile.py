@@ -9,6 +9,7 @@ and the kernels are tried with adversarial autoencoders.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,7 +30,13 @@ from docl_flower.core.filter.global_filter import (
     ScoringConfig,
     reference_scores,
 )
-from docl_flower.core.filter.probe import ProbeCheck, ProbeSet, probe_set, reference_scores64
+from docl_flower.core.filter.probe import (
+    ProbeCheck,
+    ProbeSet,
+    probe_set,
+    record_problem,
+    reference_scores64,
+)
 from docl_flower.core.filter.store import PersistentFilter, load_filter
 from docl_flower.core.training.autoencoder import PARAM_NAMES
 from docl_flower.federation import keys
@@ -337,6 +344,21 @@ def test_a_catch_all_interval_is_refused_with_the_measured_share(honest_reg, pro
     )
     assert problem is not None and "catch-all" in problem
     assert "100.0% of its harmless images" in problem and "100.0% of its noise images" in problem
+
+
+def test_the_saved_record_vouches_for_what_passed_and_not_for_a_catch_all(honest_reg, probe):
+    # The record a run saves with an upload is what the upload service holds to its limit.
+    check = ProbeCheck(probe, max_alpha=2.0, scoring=ScoringConfig(kernel="torch"))
+    passed = check.measure(honest_reg)
+    record = json.loads(json.dumps(passed.record()))  # as filter.json holds it
+    assert passed.problem is None and record["harmless_images"] == 128
+    assert record["noise_images"] == 32 and set(record["shares"]) == {"harmless", "noise"}
+    assert record_problem(record, 0.02, 2.0) is None
+    assert "up to alpha 2.0, not up to" in str(record_problem(record, 0.02, 2.5))
+    dim = probe.images.shape[1]
+    swallow = check.measure(Registration(0, 0, honest_reg.params, dim / 2, float(dim), 40))
+    assert swallow.problem is not None and swallow.shares == {"harmless": 1.0, "noise": 1.0}
+    assert "100.0% of the harmless" in str(record_problem(swallow.record(), 1.0 - 1e-9, 2.0))
 
 
 def test_large_mu_tiny_sigma_is_judged_by_what_it_blocks_one_sided(honest_reg, probe):

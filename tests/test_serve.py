@@ -40,6 +40,7 @@ from docl_flower.operations import deciding, serve
 from docl_flower.operations.check import load_image
 from docl_flower.operations.check import main as check_main
 from docl_flower.operations.credentials import make_certificates
+from docl_flower.operations.deciding import FilterError
 from docl_flower.operations.serve import create_app, default_token_path, read_token
 
 from .conftest import random_registration
@@ -126,7 +127,9 @@ def copy(saved: Path, tmp_path: Path) -> Path:
 
 
 def _client(folder: Path, **settings: object) -> TestClient:
-    return TestClient(create_app(folder, token=TOKEN, **settings))
+    """A client of the service; the filters built here carry no probe records (see
+    :func:`test_only_autoencoders_a_probe_check_vouches_for_are_served` for those)."""
+    return TestClient(create_app(folder, token=TOKEN, **{"allow_unchecked": True, **settings}))
 
 
 def _metric(client: TestClient, name: str, **labels: str) -> float:
@@ -414,7 +417,8 @@ def test_hostile_requests_next_to_a_steady_stream_of_good_ones(saved, digits):
 
     # Execute: one client sends the good images one after the other, three send 120 hostile
     # requests meanwhile.
-    app = create_app(saved, token=TOKEN, max_body_bytes=100_000, max_batch=8, max_delay_ms=2)
+    limits = {"max_body_bytes": 100_000, "max_batch": 8, "max_delay_ms": 2}
+    app = create_app(saved, token=TOKEN, allow_unchecked=True, **limits)
     with TestClient(app) as client, ThreadPoolExecutor(3) as pool:
         hostiles = pool.map(lambda k: hostile(client, k), range(120))
         answers = [_good(client, image, 2) for image in good]
@@ -547,6 +551,82 @@ def _owner_of(pixels: np.ndarray, user: int, rng: np.random.Generator):
     return replace(reg, params=params, err_mean=score, err_std=1.0)
 
 
+PASSING = {
+    "shares": {"harmless": 0.01, "noise": 0.0},
+    "max_alpha": 2.0,
+    "max_block_share": 0.02,
+    "harmless_images": 1024,
+    "noise_images": 64,
+}
+
+
+def _with_records(folder: Path, regs: list, records: list) -> None:
+    """Save ``regs`` signed, entry ``i`` with probe record ``records[i]`` (None: none)."""
+    extra = {i: ({"probe": r} if r is not None else {}) for i, r in enumerate(records)}
+    save_filter(folder, regs, extra, info=INFO)
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        (None, "no probe check recorded"),
+        ({**PASSING, "shares": {"harmless": 0.05, "noise": 0.0}}, "5.0% of the harmless"),
+        ({**PASSING, "shares": {"harmless": 0.0, "noise": 0.5}}, "50.0% of the noise"),
+        ({**PASSING, "max_alpha": 1.0}, "up to alpha 1.0"),
+        ({**PASSING, "max_alpha": "2"}, "up to alpha '2'"),
+        ({**PASSING, "shares": {"harmless": float("nan"), "noise": 0.0}}, "not in [0, 1]"),
+        ({**PASSING, "shares": {"harmless": -0.1, "noise": 0.0}}, "not in [0, 1]"),
+        ({**PASSING, "shares": {"harmless": True}}, "not numbers"),
+        ({**PASSING, "shares": {}}, "no harmless or noise shares"),
+        ({**PASSING, "shares": {"other": 0.0}}, "no harmless or noise shares"),
+        ({**PASSING, "harmless_images": 0, "noise_images": 0}, "(0, 0) probe images"),
+        ({**PASSING, "noise_images": 1e3}, "probe images"),
+        ([0.0], "not a mapping"),
+    ],
+)
+def test_only_autoencoders_a_probe_check_vouches_for_are_served(copy, digits, record, why):
+    # Prepare: every autoencoder carries the record of a passing probe check.
+    regs = _registrations(digits)
+    _with_records(copy, regs, [PASSING] * 3)
+    with _client(copy, allow_unchecked=False) as client:
+        old = client.get("/v1/filter", headers=AUTH).json()
+        before = _good(client, digits[0], 0)
+        # Execute: a run adds user 3 with this record, and the operator asks for a reload.
+        _with_records(copy, [*regs, replace(regs[0], user_id=3)], [PASSING] * 3 + [record])
+        response = client.post("/v1/reload", headers=AUTH)
+        # Assert: refused with the user, the class and the reason; the old filter serves on.
+        assert response.status_code == 422, response.text
+        message = response.json()["error"]["message"]
+        assert "1 of 4 autoencoders are not vouched for" in message, message
+        assert "user 3 class 0" in message and why in message, message
+        assert client.get("/v1/filter", headers=AUTH).json() == old
+        assert _good(client, digits[0], 0) == before
+    # The same filter is refused at start, also with --allow-unchecked unless the record is
+    # merely missing.
+    with pytest.raises(FilterError, match="not vouched for"):
+        create_app(copy, token=TOKEN)
+    if record is None:
+        with _client(copy) as client:
+            assert client.get("/v1/filter", headers=AUTH).json()["users"] == [0, 1, 2, 3]
+    else:
+        with pytest.raises(FilterError, match=re.escape(why)):
+            create_app(copy, token=TOKEN, allow_unchecked=True)
+
+
+def test_the_service_holds_records_to_its_own_limit(copy, digits):
+    # A run configured with max_block_share 0.5 saved a record of 10%: the service's default
+    # limit (2%) refuses it; an operator who states 0.1 serves it.
+    regs = _registrations(digits)
+    loose = {**PASSING, "shares": {"harmless": 0.1, "noise": 0.0}, "max_block_share": 0.5}
+    _with_records(copy, regs, [PASSING, PASSING, loose])
+    with pytest.raises(FilterError, match=r"user 2 class 2: .*10\.0% of the harmless"):
+        create_app(copy, token=TOKEN)
+    with _client(copy, allow_unchecked=False, max_block_share=0.1) as client:
+        assert client.get("/v1/filter", headers=AUTH).json()["users"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="max_block_share"):
+        create_app(copy, token=TOKEN, max_block_share=float("nan"))
+
+
 @pytest.mark.parametrize("how", ["POST /v1/reload", "polling filter.json"])
 def test_a_new_user_changes_the_decisions_after_a_reload(copy, digits, how):
     # Prepare: a digit that user 0 may share today.
@@ -659,6 +739,9 @@ def test_the_command_refuses_bad_settings_in_one_line(copy, tmp_path, capsys):
     (tmp_path / "short").write_text("abc")
     assert serve.main([str(copy), "--token-file", str(tmp_path / "short")]) == 2
     assert "at least 16" in capsys.readouterr().err
+    assert serve.main(ok) == 2  # hand-built: no probe records
+    assert "not vouched for by a probe check" in capsys.readouterr().err
+    ok.append("--allow-unchecked")
     assert serve.main([*ok, "--alpha", "3"]) == 2  # above the filter's max_alpha
     assert "max_alpha 2" in capsys.readouterr().err
     text = (copy / META_FILE).read_text()
@@ -680,8 +763,9 @@ def test_the_command_serves_over_tls_and_drains_requests_in_flight_on_sigterm(
     tls = ssl.create_default_context(cafile=str(ca))
     settings = {"--port": port, "--token-file": token_file, "--max-delay-ms": 1500}
     settings |= {"--max-batch": 64, "--certfile": cert, "--keyfile": key}
+    options = [str(x) for kv in settings.items() for x in kv] + ["--allow-unchecked"]
     proc = subprocess.Popen(
-        [CLI, "filter", "serve", str(saved), *(str(x) for kv in settings.items() for x in kv)],
+        [CLI, "filter", "serve", str(saved), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

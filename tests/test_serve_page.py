@@ -71,7 +71,7 @@ def _sha256(text: str) -> str:
 
 
 def test_the_page_needs_no_token_holds_no_filter_data_and_has_a_strict_csp(saved, images):
-    with TestClient(create_app(saved, token=TOKEN, decoders=1)) as client:
+    with TestClient(create_app(saved, token=TOKEN, decoders=1, allow_unchecked=True)) as client:
         page = client.get("/")
         before = client.get("/v1/stats", headers=AUTH).json()
         client.post(
@@ -146,7 +146,7 @@ def test_an_operator_checks_images_in_a_real_browser(saved, images, tmp_path):
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = webdriver.ChromeService(str(CHROMEDRIVER), log_output=str(tmp_path / "driver.log"))
     shot = tmp_path / "operator-page.png"
-    with _serving(create_app(saved, token=TOKEN, decoders=1)) as url:
+    with _serving(create_app(saved, token=TOKEN, decoders=1, allow_unchecked=True)) as url:
         driver = webdriver.Chrome(options=options, service=service)
         try:
             wait = WebDriverWait(driver, 15)

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 
 from docl_flower.core.features.extractors import FeatureExtractor
 from docl_flower.core.filter.global_filter import GUARDS, GlobalFilter, Guard, Registration
+from docl_flower.core.filter.probe import record_problem
 from docl_flower.core.filter.store import load_filter
 from docl_flower.core.pipeline.components import build
 
@@ -89,6 +90,9 @@ class LoadedFilter:
         SHA-256 digest of ``filter.json`` (its ``integrity.sha256``).
     users, classes : tuple of int
         Registered user ids and classes, sorted.
+    probes : tuple
+        Per registration, the probe check record the run saved with it (``None`` when the
+        entry has none; see :func:`~docl_flower.core.filter.probe.record_problem`).
     """
 
     folder: Path
@@ -104,11 +108,27 @@ class LoadedFilter:
     version: str
     users: tuple[int, ...]
     classes: tuple[int, ...]
+    probes: tuple[object, ...] = ()
 
     @property
     def size(self) -> int:
         """Number of registered autoencoders."""
         return len(self.registrations)
+
+
+def unvouched(loaded: LoadedFilter, max_block_share: float) -> list[str]:
+    """The autoencoders of ``loaded`` whose saved probe record does not vouch for them.
+
+    Each must carry the record of a probe check that judged the region any Guard up to the
+    served alpha can block, with shares of at most ``max_block_share``; one line per failure,
+    naming the user and class.
+    """
+    out = []
+    for reg, record in zip(loaded.registrations, loaded.probes, strict=True):
+        problem = record_problem(record, max_block_share, loaded.alpha)
+        if problem is not None:
+            out.append(f"user {reg.user_id} class {reg.label}: {problem}")
+    return out
 
 
 def _image_shape(config: dict[str, Any]) -> tuple[int, ...] | None:
@@ -187,6 +207,10 @@ def load(
             f"{limit:g}: its uploads were checked for what a Guard up to that alpha can block)"
         )
     flt = GlobalFilter(regs)
+    entries = meta.get("entries") if isinstance(meta, dict) else None
+    if not isinstance(entries, list) or len(entries) != len(regs):
+        entries = [None] * len(regs)  # (the store's reader returns one per entry, in order)
+    probes = tuple(e.get("probe") if isinstance(e, dict) else None for e in entries)
     integrity = meta.get("integrity") if isinstance(meta, dict) else None
     version = integrity.get("sha256") if isinstance(integrity, dict) else None
     target = config["features"].get("_target_") if isinstance(config["features"], dict) else None
@@ -204,6 +228,7 @@ def load(
         version=str(version or ""),
         users=tuple(sorted({r.user_id for r in regs})),
         classes=tuple(sorted({r.label for r in regs})),
+        probes=probes,
     )
 
 

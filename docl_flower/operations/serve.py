@@ -22,6 +22,13 @@ Guard: :mod:`.deciding`):
     Read the filter folder again, verify it and swap it in; a filter that fails is refused
     (422, or 409 when it needs another image size) and the old one keeps serving.
 
+A filter is served only when it verifies: every file's SHA-256, the HMAC of ``filter.json``,
+and for every autoencoder the probe record its run saved (the share of the provider's harmless
+and noise probe images in the region it can block, judged up to the served alpha), which must
+be within ``--max-block-share`` (default 2%, the run's default): a run configured with a looser
+limit cannot slip a catch-all into the service. ``--allow-unchecked`` serves autoencoders
+saved without a record (filters from before the records).
+
 ``GET /`` is the operator page (:data:`PAGE_FILE`): it holds no filter data and calls the
 ``/v1`` API with the token the operator types in. It is served with a Content-Security-Policy
 that allows only its own inline script and style (by SHA-256 hash) and requests to this origin.
@@ -93,11 +100,12 @@ from docl_flower.core.common.files import create_file_atomic, file_stamp
 from docl_flower.core.data.decode import ImageDecoder, ImageReadError
 from docl_flower.core.data.folders import IMAGE_FORMATS
 from docl_flower.core.filter.global_filter import GUARDS
+from docl_flower.core.filter.probe import DEFAULT_MAX_BLOCK_SHARE
 from docl_flower.core.filter.store import META_FILE, filter_key_path
 
 from .check import _alpha as alpha_type
 from .check import _filter_dir as filter_folder
-from .deciding import Decision, FilterError, LoadedFilter, decide, load, one_line
+from .deciding import Decision, FilterError, LoadedFilter, decide, load, one_line, unvouched
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +418,11 @@ class Service:
         max_files: int,
         decoders: int,
         poll_s: float,
+        max_block_share: float = DEFAULT_MAX_BLOCK_SHARE,
+        allow_unchecked: bool = False,
     ) -> None:
+        if not 0.0 <= max_block_share <= 1.0:  # NaN fails here too
+            raise ValueError(f"max_block_share must be in [0, 1], got {max_block_share}")
         for name, value in (
             ("max_batch", max_batch),
             ("max_queue", max_queue),
@@ -434,6 +446,8 @@ class Service:
         self.max_body_bytes = max_body_bytes
         self.max_files = max_files
         self.poll_s = poll_s
+        self.max_block_share = max_block_share
+        self.allow_unchecked = allow_unchecked
         self.metrics = Metrics()
         self._stamp = file_stamp(self.folder / META_FILE)
         loaded = self._load()
@@ -459,7 +473,18 @@ class Service:
     # ------------------------------------------------------------------ life
 
     def _load(self) -> LoadedFilter:
-        return load(self.folder, self.guard_name, self.alpha)
+        """Load and verify the folder (digests, HMAC, every autoencoder's probe record)."""
+        loaded = load(self.folder, self.guard_name, self.alpha)
+        failed = unvouched(loaded, self.max_block_share)
+        if self.allow_unchecked:  # only records that are missing are let through
+            failed = [f for f in failed if "no probe check recorded" not in f]
+        if failed:
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise FilterError(
+                f"{self.folder}: {len(failed)} of {loaded.size} autoencoders are not vouched "
+                f"for by a probe check: {failed[0]}{more}"
+            )
+        return loaded
 
     @property
     def pending(self) -> int:
@@ -907,6 +932,8 @@ def create_app(
     max_files: int = MAX_FILES,
     decoders: int = DECODERS,
     poll_s: float = 0.0,
+    max_block_share: float = DEFAULT_MAX_BLOCK_SHARE,
+    allow_unchecked: bool = False,
 ) -> FastAPI:
     """The upload service for the filter in ``filter_dir`` (loaded and verified now).
 
@@ -932,6 +959,13 @@ def create_app(
         Decoder worker processes (and threads that feed them).
     poll_s : float
         Seconds between two looks at ``filter.json`` for a new digest (0: never).
+    max_block_share : float
+        Every autoencoder served must carry the run's probe record, showing that the region
+        a Guard up to the served alpha can block held at most this share of the probe's
+        harmless (and noise) images; a filter (or reload) with one that does not is refused.
+    allow_unchecked : bool
+        Serve autoencoders that carry no probe record (filters saved before the records, or
+        built by hand); a record that fails is still refused.
 
     Raises
     ------
@@ -952,6 +986,8 @@ def create_app(
         max_files=max_files,
         decoders=decoders,
         poll_s=poll_s,
+        max_block_share=max_block_share,
+        allow_unchecked=allow_unchecked,
     )
 
     @contextlib.asynccontextmanager
@@ -1181,6 +1217,17 @@ def _parser() -> argparse.ArgumentParser:
         "--poll-s", type=_number(float, 0), default=POLL_S, help="filter.json check period (0: off)"
     )
     parser.add_argument(
+        "--max-block-share",
+        type=_number(float, 0, 1),
+        default=DEFAULT_MAX_BLOCK_SHARE,
+        help="largest probe share an autoencoder's saved probe check may show (else refused)",
+    )
+    parser.add_argument(
+        "--allow-unchecked",
+        action="store_true",
+        help="serve autoencoders saved without a probe record (older filters)",
+    )
+    parser.add_argument(
         "--max-connections", type=_number(int, 1), default=256, help="open connections (503 above)"
     )
     parser.add_argument(
@@ -1223,6 +1270,8 @@ def main(argv: Sequence[str]) -> int:
             max_files=args.max_files,
             decoders=args.decoders,
             poll_s=args.poll_s,
+            max_block_share=args.max_block_share,
+            allow_unchecked=args.allow_unchecked,
         )
     except (FilterError, ValueError) as err:
         print(f"{PROG}: {one_line(err)}", file=sys.stderr)

@@ -143,23 +143,104 @@ class ProbeCheck:
 
     def problem(self, reg: Registration) -> str | None:
         """Why ``reg`` must not enter the filter, or ``None`` when it passes."""
+        return self.measure(reg).problem
+
+    def measure(self, reg: Registration) -> ProbeResult:
+        """The check of ``reg``: its refusal (or ``None``) and what the region holds."""
         x = self.probe.images
         scores = GlobalFilter([reg], self.scoring).scores(x)[:, 0].to(torch.float64)
         reference = reference_scores64(reg, x)
         if not bool(torch.isfinite(scores).all()) or not bool(torch.isfinite(reference).all()):
-            return "its scores on the probe set are not finite"
+            return self._result("its scores on the probe set are not finite")
         gap = (scores - reference).abs()
         bound = self.atol + self.rtol * reference.abs()
         if bool((gap > bound).any()):
             worst = float((gap / bound).max())
-            return (
+            return self._result(
                 f"its scores disagree with the reference computation ({worst:.1f}x the tolerance)"
             )
         hi = block_bound(reg.err_mean, reg.err_std, self.max_alpha)
         # Both the float32 kernel's and the reference score must stay outside to be safe.
         blocked = (reference <= hi) | (scores <= hi)
         region = f"d <= mu + {self.max_alpha:g} sigma = {hi:.4g}"
-        return catch_all_problem(self.probe.shares(blocked), self.max_block_share, region)
+        shares = self.probe.shares(blocked)
+        return self._result(catch_all_problem(shares, self.max_block_share, region), shares)
+
+    def _result(self, problem: str | None, shares: dict[str, float] | None = None) -> ProbeResult:
+        images = int(self.probe.images.shape[0])
+        return ProbeResult(
+            problem,
+            dict(shares or {}),
+            self.max_alpha,
+            self.max_block_share,
+            self.probe.harmless,
+            images - self.probe.harmless,
+        )
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the probe check measured for one upload.
+
+    ``shares`` holds the share of the probe's harmless and noise images in the region the
+    upload can block (empty when the check stopped before, at non-finite or disagreeing
+    scores). :meth:`record` is what the run saves with the registered autoencoder, so that a
+    reader of the signed filter (the upload service) can hold it to its own limit.
+    """
+
+    problem: str | None
+    shares: dict[str, float]
+    max_alpha: float
+    max_block_share: float
+    harmless_images: int
+    noise_images: int
+
+    def record(self) -> dict[str, object]:
+        """The entry metadata saved with a registered autoencoder (``probe``)."""
+        return {
+            "shares": dict(self.shares),
+            "max_alpha": self.max_alpha,
+            "max_block_share": self.max_block_share,
+            "harmless_images": self.harmless_images,
+            "noise_images": self.noise_images,
+        }
+
+
+def record_problem(record: object, max_block_share: float, max_alpha: float) -> str | None:
+    """Why a saved probe record does not vouch for its autoencoder, or ``None``.
+
+    The record (``entry["probe"]``, see :meth:`ProbeResult.record`) must show a check of the
+    region that any Guard up to ``max_alpha`` can block, on at least one probe image, and
+    shares of harmless and of noise images of at most ``max_block_share`` each.
+    """
+    if record is None:
+        return "no probe check recorded (saved before probe records, or not by a run)"
+    if not isinstance(record, dict):
+        return f"its probe record is not a mapping: {type(record).__name__}"
+    shares = record.get("shares")
+    alpha = record.get("max_alpha")
+    counts = (record.get("harmless_images"), record.get("noise_images"))
+    if not isinstance(shares, dict) or not shares or not set(shares) <= {"harmless", "noise"}:
+        return "its probe record has no harmless or noise shares"
+    values = list(shares.values())
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return "its probe record's shares are not numbers"
+    if not all(0.0 <= v <= 1.0 for v in values):  # NaN fails here too
+        return f"its probe record's shares are not in [0, 1]: {shares}"
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or (
+        sum(counts) < 1  # type: ignore[arg-type]
+    ):
+        return f"its probe record counts {counts!r} probe images"
+    if not (isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha >= max_alpha):
+        return (
+            f"its probe check judged the region up to alpha {alpha!r}, not up to the "
+            f"filter's max_alpha {max_alpha:g}"
+        )
+    over = {k: v for k, v in shares.items() if v > max_block_share}
+    if over:
+        measured = ", ".join(f"{v:.1%} of the {k} probe images" for k, v in over.items())
+        return f"its blocking region holds {measured} (limit {max_block_share:.1%})"
+    return None
 
 
 def probe_set(

@@ -110,10 +110,15 @@ class Docl:
             max_block_share=self.max_block_share,
         )
 
+        # The probe check's record of each vetted upload, saved with it (the upload service
+        # holds a filter's autoencoders to its own limit with these).
+        checked: dict[int, dict[str, object]] = {}
+
         def vet(reg: Registration) -> None:
-            problem = probe.problem(reg)
-            if problem is not None:
-                raise UploadError(f"class {reg.label}: {problem}")
+            result = probe.measure(reg)
+            if result.problem is not None:
+                raise UploadError(f"class {reg.label}: {result.problem}")
+            checked[id(reg)] = result.record()
 
         def persist(user: int, regs: Sequence[Registration], node: int) -> None:
             now = time.time()
@@ -123,6 +128,7 @@ class Docl:
                     "registered_at": now,
                     "fraction": spec.fraction.get(user, 1.0),
                     "trained_on": sorted({r.label, *spec.extra_classes.get(user, [])}),
+                    "probe": checked.pop(id(r)),
                 }
                 for r in regs
             ]
