@@ -43,7 +43,7 @@ from docl_flower.operations.credentials import make_certificates
 from docl_flower.operations.deciding import FilterError
 from docl_flower.operations.serve import create_app, default_token_path, read_token
 
-from .conftest import random_registration
+from .conftest import PROJECT_ROOT, random_registration
 
 CLI = str(Path(sys.executable).parent / "docl-flower")
 TOKEN = "test-token-0123456789abcdef"
@@ -214,6 +214,96 @@ def test_the_service_decides_bit_identically_to_filter_check(saved, uploads, cap
             assert answer["score"] == d.score and [lo, hi] == [d.low, d.high]
             assert answer["decision"] == d.decision and answer["predicted_owner"] == d.owner
             assert answer["uploader"] == 1
+
+
+EXTRACTORS = {
+    # the face pipeline (dlib) on ORL photos, as a face run saves its filter
+    "faces": (
+        {"_target_": "docl_flower.core.features.FaceDescriptor"},
+        [112, 92],
+        128,
+    ),
+    # an image folder of RGB photos through the ImageNet CNN (conf/features/imagenet.yaml)
+    "image folder": (
+        {
+            "_target_": "docl_flower.core.features.EfficientNetLite0",
+            "low": 0.0,
+            "high": 6.0,
+            "image_size": 224,
+            "mean": 127.0,
+            "std": 128.0,
+            "batch_size": 4,
+            "weights": None,
+        },
+        [48, 48, 3],
+        1280,
+    ),
+}
+
+
+def _photos(kind: str, folder: Path) -> list[Path]:
+    if kind == "faces":
+        root = PROJECT_ROOT / "data" / "att-faces"
+        return [root / f"s{p}" / f"{i}.pgm" for p in (1, 2, 3) for i in (1, 2)]
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(48, 48), (60, 80), (32, 32), (100, 40), (48, 48), (64, 64)]):
+        path = folder / f"{i}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("kind", list(EXTRACTORS))
+def test_faces_and_image_folders_are_decided_as_filter_check_decides_them(kind, tmp_path):
+    # Prepare: a filter of the extractor's dimension, and filter check's decisions.
+    features, shape, dim = EXTRACTORS[kind]
+    rng = np.random.default_rng(1)
+    regs = [random_registration(rng, u, u, dim=dim, hidden=4) for u in (0, 1, 2)]
+    info = {
+        "config": {
+            "features": features,
+            "guard": {"alpha": 1.5, "sided": "one"},
+            "dataset": {"image_shape": shape},
+        }
+    }
+    save_filter(tmp_path / "filter", regs, info=info)
+    photos = _photos(kind, tmp_path / "photos")
+    stacked = np.stack([load_image(p, tuple(shape)) for p in photos])
+    # intervals that cut the photos' scores in the middle: decisions of both kinds
+    loaded = deciding.load(tmp_path / "filter")
+    scores = deciding.scores_of(loaded, deciding.features_of(loaded, stacked)).double()
+    regs = [
+        replace(r, err_mean=float(scores[:, i].median()), err_std=float(scores[:, i].std()) * 0.1)
+        for i, r in enumerate(regs)
+    ]
+    save_filter(tmp_path / "filter", regs, info=info)
+    direct = deciding.decide(deciding.load(tmp_path / "filter"), stacked, 2)
+    assert {d.decision for d in direct} == {"block", "share"}
+    # Execute: each photo alone (raw bytes), and all of them in one batch request.
+    with _client(tmp_path / "filter", max_batch=4) as client:
+        info_served = client.get("/v1/filter", headers=AUTH).json()
+        singles = []
+        for p in photos:
+            kind_header = {"Content-Type": "application/octet-stream"}
+            response = client.post(
+                "/v1/check?uploader=2", content=p.read_bytes(), headers={**AUTH, **kind_header}
+            )
+            assert response.status_code == 200, response.text
+            singles.append(response.json())
+        files = [("images", (p.name, p.read_bytes(), "application/octet-stream")) for p in photos]
+        batch = client.post("/v1/check-batch?uploader=2", files=files, headers=AUTH)
+    # Assert: the extractor and shape the filter carries, and the same answers to the bit.
+    assert info_served["extractor"] == features["_target_"]
+    assert info_served["image_shape"] == shape
+    assert batch.status_code == 200, batch.text
+    items = [item["result"] for item in batch.json()["results"]]
+    for d, single, item in zip(direct, singles, items, strict=True):
+        for answer in (single, item):
+            low = None if d.low == -np.inf else d.low  # one-sided: JSON null
+            assert answer["score"] == d.score and answer["interval"] == [low, d.high]
+            assert (answer["decision"], answer["predicted_owner"]) == (d.decision, d.owner)
 
 
 # ---------------------------------------------------------------------------- hostile input
