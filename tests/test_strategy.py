@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from unittest.mock import Mock
 
 import numpy as np
@@ -205,6 +206,21 @@ def test_an_unbound_node_gets_no_message_and_cannot_register(monkeypatch):
     run_round(strat, [reply(upload(0), 9)])
     assert strat.outcome.registered == {}
     assert "node 9 is not bound to any user" in strat.outcome.node_errors[9]
+
+
+def test_a_node_bound_to_a_user_outside_the_run_is_named_with_what_to_change(monkeypatch, caplog):
+    # A device of user 12 joined (its key bound) while the run still has users 0 and 1.
+    monkeypatch.setattr(strategy, "Message", lambda content, dst_node_id, message_type: dst_node_id)
+    strat = RegisterOnce(
+        {0: (0,), 1: (1,)}, RULES, node_wait_s=0.0, bindings={7: 0, 8: 1, 20: 12, 21: 5}
+    )
+    with caplog.at_level(logging.WARNING):
+        sent = strat.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([7, 8, 20]))
+    assert list(sent) == [7, 8]
+    assert strat.outcome.outside_run == {5: 21, 12: 20}
+    assert strat.outcome.result_fields()["bound_outside_run"] == {"5": 21, "12": 20}
+    assert "users 5, 12 bound to a node but outside this run (its users: 0-1)" in caplog.text
+    assert "set num_users=13 to include them" in caplog.text
 
 
 def test_wait_for_nodes_waits_for_the_bound_nodes_not_a_count():

@@ -68,6 +68,9 @@ class RegistrationOutcome(Generic[R]):
     cuda: dict[int, bool] = field(default_factory=dict)
     nodes: dict[int, int] = field(default_factory=dict)
     unbound_nodes: list[int] = field(default_factory=list)
+    #: Users the bindings name that this run does not include (user -> node): a device that
+    #: joined while ``num_users`` stayed as it was.
+    outside_run: dict[int, int] = field(default_factory=dict)
     registered_at: dict[int, float] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)
     #: Differential privacy each registered user's client reported (users without DP: absent).
@@ -86,6 +89,7 @@ class RegistrationOutcome(Generic[R]):
             "failed": {str(u): r for u, r in sorted(self.failed.items())},
             "node_errors": {str(n): r for n, r in self.node_errors.items()},
             "unbound_nodes": self.unbound_nodes,
+            "bound_outside_run": {str(u): n for u, n in sorted(self.outside_run.items())},
             "bytes_uploaded": {str(u): b for u, b in sorted(self.bytes_uploaded.items())},
             "bytes_downloaded": {str(u): b for u, b in sorted(self.bytes_downloaded.items())},
             "received_array_records": {
@@ -202,6 +206,18 @@ class RegisterOnce(Strategy, Generic[R]):
             nodes = wait_for_nodes(grid, len(self.assignment), self.node_wait_s)
         else:
             bound = {n for n, u in self.bindings.items() if u in self.assignment}
+            self.outcome.outside_run = {
+                u: n for n, u in self.bindings.items() if u not in self.assignment
+            }
+            if self.outcome.outside_run:
+                users = sorted(self.outcome.outside_run)
+                log.warning(
+                    "%s bound to a node but outside this run (its users: %s): they get no "
+                    "message; set num_users=%d to include them",
+                    format_users(users),
+                    format_users(sorted(self.assignment)).removeprefix("users "),
+                    max(users) + 1,
+                )
             present = wait_for_nodes(grid, len(bound), self.node_wait_s, required=bound)
             self.outcome.unbound_nodes = [n for n in present if n not in self.bindings]
             for n in self.outcome.unbound_nodes:

@@ -50,6 +50,7 @@ class RunResult:
     node_errors: dict[str, str] = field(default_factory=dict)
     bindings_enforced: bool = False
     unbound_nodes: list[int] = field(default_factory=list)
+    bound_outside_run: dict[str, int] = field(default_factory=dict)
     received_array_records: dict[str, int] = field(default_factory=dict)
     trained_on_cuda: dict[str, bool] = field(default_factory=dict)
     #: Differential privacy per user (``train.dp``): ``{"epsilon", "delta", "noise_multiplier"}``
