@@ -29,6 +29,7 @@ def _spec(root, epochs=2) -> ClientSpec:
         model=AutoencoderSpec(hidden=8),
         train=TrainSpec(epochs=epochs, batch_size=16),
         assignment={0: [3]},
+        image_shape=(28, 28),
     )
 
 
@@ -76,7 +77,7 @@ def test_an_adversary_trains_on_its_own_and_the_victims_images(tiny_root):
 def test_the_spec_travels_as_a_versioned_record_and_comes_back_equal(tiny_root):
     spec = _spec(tiny_root)
     record = json.loads(spec.to_json())
-    assert record["schema"] == "docl-flower/client-spec" and record["version"] == 2
+    assert record["schema"] == "docl-flower/client-spec" and record["version"] == 3
     # Every field of every component is written out: the client needs no defaults of its own.
     assert record["train"]["_target_"] == "docl_flower.core.model.TrainSpec"
     assert record["train"]["min_steps"] == spec.train.min_steps
@@ -99,6 +100,10 @@ def test_the_spec_travels_as_a_versioned_record_and_comes_back_equal(tiny_root):
         (lambda r: r.update(fraction={"0": 2.0}), "fraction"),
         (lambda r: r.update(stats=[1]), "stats must be a record"),
         (lambda r: r.update(train=[]), "train must be a record"),
+        (lambda r: r.update(image_shape=[28]), "image_shape must be"),
+        (lambda r: r.update(image_shape=[28, 28.0]), "image_shape must be"),
+        (lambda r: r.update(image_shape=[28, 0]), "image_shape must be >= 1"),
+        (lambda r: r.update(image_shape="28x28"), "image_shape must be"),
     ],
 )
 def test_a_record_off_the_schema_is_refused_with_its_reason(tiny_root, change, message):
@@ -112,3 +117,78 @@ def test_a_record_off_the_schema_is_refused_with_its_reason(tiny_root, change, m
 def test_a_spec_that_is_not_a_record_is_refused(text):
     with pytest.raises(ValueError, match="client spec"):
         ClientSpec.from_json(text)
+
+
+def _photos_of(tiny_root, cls, folder, kinds=("png",)):
+    """The tiny MNIST training digits of ``cls`` as image files in one flat folder."""
+    from PIL import Image
+
+    images, labels = IdxDataset("mnist", str(tiny_root / "mnist"), verify=False).load("train")
+    folder.mkdir()
+    for i, k in enumerate(class_indices(labels, cls)):
+        kind = kinds[i % len(kinds)]
+        picture = Image.fromarray(images[k])
+        if kind == "rgb-jpg-56":  # a phone's photo: colour, JPEG, another size
+            picture.convert("RGB").resize((56, 56)).save(folder / f"photo-{i}.jpg", quality=95)
+        else:
+            picture.save(folder / f"photo-{i}.{kind}")
+    return images[class_indices(labels, cls)]
+
+
+def test_a_device_trains_on_a_flat_folder_of_its_own_photos(tiny_root, tmp_path):
+    # Prepare: the device of user 0 (class 3) holds only its 60 photos, no archive; the
+    # server's data path does not exist on it.
+    own = _photos_of(tiny_root, 3, tmp_path / "photos")
+    spec = _spec(tmp_path / "nowhere", epochs=2)
+    content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
+    # Execute
+    reply = handle_train(content, {"user-id": 0, "data-dir": str(tmp_path / "photos")})
+    # Assert: the same autoencoder as trained on the archive's images of class 3.
+    central, _ = train_autoencoder(
+        Identity()(own),
+        AutoencoderSpec(hidden=8),
+        TrainSpec(epochs=2, batch_size=16),
+        derive_seed(11, 0, 3),
+    )
+    rules = UploadRules.for_autoencoder(AutoencoderSpec(hidden=8), 784)
+    user, (reg,) = parse_upload(reply, {0: (3,)}, rules)
+    assert user == 0 and reg.label == 3 and reg.num_examples == 60
+    for name, value in state_to_numpy(central).items():
+        np.testing.assert_array_equal(reg.params[name], value)
+
+
+def test_own_photos_in_any_format_and_size_are_read_as_the_data_sets_images(tiny_root, tmp_path):
+    _photos_of(tiny_root, 3, tmp_path / "photos", kinds=("png", "rgb-jpg-56", "bmp", "webp"))
+    (tmp_path / "photos" / "notes.txt").write_text("not a photo")
+    spec = _spec(tmp_path / "nowhere", epochs=1)
+    content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
+    reply = handle_train(content, {"user-id": 0, "data-dir": str(tmp_path / "photos")})
+    metrics = reply.metric_records[keys.METRICS_RECORD]
+    assert metrics[keys.NUM_EXAMPLES] == [60] and metrics[keys.CLASSES] == [3]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("empty", "no usable training data for user 0"),
+        ("broken", "no readable photo"),
+        ("two classes", "a device's own photos are of one class, but user 0 registers"),
+        ("missing", "no usable training data for user 0"),
+    ],
+)
+def test_a_device_without_usable_data_fails_at_once_in_one_line(tmp_path, setup, message):
+    from docl_flower.core.data.base import DataError
+
+    folder = tmp_path / "data"
+    spec = _spec(tmp_path / "nowhere", epochs=50)
+    if setup != "missing":
+        folder.mkdir()
+    if setup == "broken":
+        (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    if setup == "two classes":
+        (folder / "a.png").write_bytes(b"")
+        spec = dataclasses.replace(spec, assignment={0: [3, 4]})
+    content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
+    with pytest.raises(DataError, match=message) as err:
+        handle_train(content, {"user-id": 0, "data-dir": str(folder)})
+    assert "\n" not in str(err.value)

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from docl_flower.core.baselines.classifiers import SgdSpec
 from docl_flower.core.baselines.classifiers import train_classifier as sgd_train
 from docl_flower.core.baselines.fedpft import fit_class_stats
 from docl_flower.core.common.logs import setup_logging
-from docl_flower.core.data.base import ImageDataset, load_cached
+from docl_flower.core.data.base import DataError, ImageDataset, load_cached
+from docl_flower.core.data.folders import OwnPhotos, holds_photos
 from docl_flower.core.data.seeds import derive_seed
 from docl_flower.core.pipeline.client_spec import ClientSpec
 from docl_flower.core.pipeline.inputs import split_features
@@ -62,12 +64,42 @@ def resolve_user(node_config: Mapping[str, object], assigned: object = None) -> 
 
 
 def _load(
-    spec: ClientSpec, node_config: Mapping[str, object]
+    spec: ClientSpec, node_config: Mapping[str, object], user: int
 ) -> tuple[ImageDataset, NDArray[np.uint8], NDArray[np.int64]]:
-    """The training data set of this node (from its ``data-dir`` when the operator set one)."""
+    """The training data of this node's ``user``, read before any training.
+
+    With the operator's ``data-dir``: a folder with image files at its top level holds the
+    user's own photos (:class:`OwnPhotos`, all of the one class the user registers); any other
+    folder is the root of the experiment's data set (``data_root``: a device that holds the
+    whole archive). Without it: the experiment's data set (a simulation). A folder without
+    usable data fails here, in one line that says what the folder needs.
+    """
     data_dir = node_config.get(keys.NODE_DATA_DIR)
-    dataset = spec.with_data_root(str(data_dir) if data_dir is not None else None)
-    images, labels = load_cached(dataset, "train")
+    if data_dir is None:
+        dataset = spec.dataset
+    else:
+        folder = Path(str(data_dir)).expanduser()
+        if holds_photos(folder):
+            classes = list(spec.assignment[user])
+            if len(classes) != 1:
+                raise DataError(
+                    f"data-dir {folder}: a device's own photos are of one class, but user "
+                    f"{user} registers classes {classes}"
+                )
+            shape = spec.image_shape or spec.dataset.image_shape
+            dataset = OwnPhotos(str(folder), tuple(shape), classes[0])
+        else:
+            dataset = spec.with_data_root(str(folder))
+    try:
+        images, labels = load_cached(dataset, "train")
+    except (DataError, OSError) as err:
+        if data_dir is None:
+            raise
+        raise DataError(
+            f"data-dir {data_dir}: no usable training data for user {user} (put the user's "
+            f"photos at its top level, or the data set's files under it): "
+            f"{' '.join(str(err).split())}"
+        ) from err
     return dataset, images, labels
 
 
@@ -119,7 +151,7 @@ def train_docl(
             }
         )
         return RecordDict({keys.METRICS_RECORD: skipped})
-    dataset, images, labels = _load(spec, node_config)
+    dataset, images, labels = _load(spec, node_config, user)
     device = _device()
     arrays: dict[str, Array] = {}
     means: list[float] = []
@@ -165,7 +197,7 @@ def train_classifier(
     model_spec, sgd = spec.model, spec.train
     if isinstance(model_spec, AutoencoderSpec) or not isinstance(sgd, SgdSpec):
         raise ValueError("the classifier task needs a classifier model and SGD")
-    dataset, images, labels = _load(spec, node_config)
+    dataset, images, labels = _load(spec, node_config, user)
     idx = spec.user_indices(user, labels)
     x = split_features(dataset, spec.features, "train", idx, images).features
     y = torch.as_tensor(labels[idx])
@@ -204,7 +236,7 @@ def train_feature_stats(
     stats_spec = spec.stats
     if stats_spec is None:
         raise ValueError("the feature_stats task needs the statistics' options (spec.stats)")
-    dataset, images, labels = _load(spec, node_config)
+    dataset, images, labels = _load(spec, node_config, user)
     features = spec.features
     arrays: dict[str, Array] = {}
     means: list[float] = []

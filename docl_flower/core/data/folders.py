@@ -300,3 +300,72 @@ class ImageFolderDataset:
                 "flat": self.flat,
             }
         )
+
+
+def holds_photos(folder: Path) -> bool:
+    """Whether ``folder`` has image files at its top level (a device's own photos)."""
+    try:
+        return any(
+            p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+            for p in folder.iterdir()
+        )
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class OwnPhotos:
+    """A device's own photos: a flat folder of one user's images, all of class ``label``.
+
+    A real device holds only its user's photos, not a shared archive: every image file in
+    ``root`` (recursively, any format :data:`IMAGE_SUFFIXES` names) is a training image of
+    ``label``, the class its user registers, converted and resized to ``image_shape`` (that of
+    the experiment's data set: ``(H, W)`` grey or ``(H, W, 3)`` RGB). The test split is empty.
+
+    Raises
+    ------
+    DataError
+        From ``load``/``check`` when the folder is missing or holds no readable image (one
+        line naming the folder).
+    """
+
+    root: str
+    image_shape: tuple[int, ...]
+    label: int
+
+    def __post_init__(self) -> None:
+        check_path_text("root", self.root)
+        shape = tuple(check_int("image_shape", s, 1) for s in self.image_shape)
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3):
+            raise ValueError(f"image_shape must be (H, W) or (H, W, 3), got {self.image_shape}")
+        object.__setattr__(self, "image_shape", shape)
+        check_int("label", self.label, 0)
+
+    def _folder(self) -> ImageFolderDataset:
+        mode = "RGB" if len(self.image_shape) == 3 else "L"
+        return ImageFolderDataset(self.root, self.image_shape[:2], mode=mode, flat=True)
+
+    def check(self, split: Split) -> None:
+        """The folder holds image files (not decoded)."""
+        if check_split(split) == "train":
+            self._folder().check("test")
+
+    def load(self, split: Split) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+        """The photos as ``label``'s training images; the test split is empty."""
+        if check_split(split) == "test":
+            return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
+        images, _ = self._folder().load("test")
+        if images.shape[0] == 0:
+            raise DataError(f"{Path(self.root).expanduser()}: no readable photo (all skipped)")
+        return images, np.full(images.shape[0], self.label, dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        """Content hash of the photos, their shape and label."""
+        return content_digest(
+            {
+                "loader": "own_photos",
+                "version": LOADER_VERSION,
+                "files": self._folder().fingerprint(),
+                "label": self.label,
+            }
+        )

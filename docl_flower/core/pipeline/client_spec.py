@@ -41,11 +41,13 @@ TrainRecipe = TrainSpec | SgdSpec
 
 #: The record's name: a train message whose spec is anything else is refused.
 SCHEMA = "docl-flower/client-spec"
-#: The record's layout. 2: typed components written from the objects (1 carried config dicts).
-VERSION = 2
+#: The record's layout. 2: typed components written from the objects (1 carried config dicts);
+#: 3: the data set's ``image_shape`` (a device's own photos are read at that shape).
+VERSION = 3
 #: The record's keys besides the components.
 _PLAIN_KEYS = frozenset(
     {"schema", "version", "seed", "assignment", "fraction", "extra_classes", "shards", "task"}
+    | {"image_shape"}
 )
 #: Config group of each component the record carries.
 _GROUPS = {"dataset": "dataset", "features": "features", "model": "model", "train": "train"}
@@ -156,6 +158,8 @@ class ClientSpec:
     shards: int = 0
     task: str = "docl"
     stats: StatsSpec | None = None
+    #: ``dataset.image_shape`` of the config (``None``: the data set's own, read from its files).
+    image_shape: tuple[int, ...] | None = None
 
     def to_record(self, components: Registry = COMPONENTS) -> dict[str, Any]:
         """The record that travels: schema, version, plain fields and typed components."""
@@ -169,6 +173,7 @@ class ClientSpec:
             "shards": self.shards,
             "task": self.task,
             "stats": None if self.stats is None else _plain(self.stats),
+            "image_shape": None if self.image_shape is None else list(self.image_shape),
         }
         for name, group in _GROUPS.items():
             record[name] = component_record(group, getattr(self, name), components)
@@ -200,6 +205,11 @@ class ClientSpec:
         task = raw["task"]
         if not isinstance(task, str):
             raise ValueError(f"client spec: task must be a name, got {task!r}")
+        shape = raw["image_shape"]
+        if shape is not None and not (
+            isinstance(shape, list) and len(shape) in (2, 3) and all(type(s) is int for s in shape)
+        ):
+            raise ValueError(f"client spec: image_shape must be [H, W] or [H, W, C], got {shape!r}")
         try:
             return cls(
                 seed=check_int("seed", raw["seed"], 0),
@@ -224,6 +234,9 @@ class ClientSpec:
                 shards=check_int("shards", raw["shards"], 0),
                 task=task,
                 stats=None if stats is None else StatsSpec(**stats),
+                image_shape=None
+                if shape is None
+                else tuple(check_int("image_shape", s, 1) for s in shape),
             )
         except TypeError as err:  # a list where a number belongs, unknown stats keys
             raise ValueError(f"client spec: {err}") from err

@@ -360,6 +360,11 @@ def _check_numbers(key: str, node: object) -> None:
 MAX_IMAGE_SIDE = 1 << 14
 
 
+def _image_shape(value: object) -> tuple[int, ...] | None:
+    """``dataset.image_shape`` (checked by :func:`_check_image_shape`) as a tuple."""
+    return None if value is None else tuple(int(str(s)) for s in value)  # type: ignore[attr-defined]
+
+
 def _check_image_shape(value: object) -> None:
     """``dataset.image_shape``: ``[H, W]`` or ``[H, W, C]`` of positive ints (or absent)."""
     if value is None:
@@ -542,6 +547,7 @@ def _build_experiment(cfg: DictConfig, check_recipe: bool, components: Registry)
         shards=partition.shards,
         task=str(workflow.CLIENT_TASK),
         stats=workflow.stats_spec() if isinstance(workflow, ClientStatsSpec) else None,
+        image_shape=_image_shape(dataset_node.get("image_shape")),
     )
     return Experiment(
         seed=seed,
