@@ -192,3 +192,32 @@ def test_a_device_without_usable_data_fails_at_once_in_one_line(tmp_path, setup,
     with pytest.raises(DataError, match=message) as err:
         handle_train(content, {"user-id": 0, "data-dir": str(folder)})
     assert "\n" not in str(err.value)
+
+
+def test_a_face_device_trains_on_its_own_photos_through_the_face_extractor(tmp_path):
+    # Person s5 (class 4) holds 7 of their ORL photos; the device computes the descriptors.
+    import shutil
+
+    from docl_flower.core.data.folders import ImageFolderDataset
+    from docl_flower.core.features.extractors import FaceDescriptor
+
+    from .conftest import PROJECT_ROOT
+
+    photos = tmp_path / "me"
+    photos.mkdir()
+    for i in range(1, 8):
+        shutil.copy(PROJECT_ROOT / "data" / "att-faces" / "s5" / f"{i}.pgm", photos / f"{i}.pgm")
+    spec = ClientSpec(
+        seed=11,
+        dataset=ImageFolderDataset(str(tmp_path / "nowhere"), (112, 92)),
+        features=FaceDescriptor(),
+        model=AutoencoderSpec(hidden=8),
+        train=TrainSpec(epochs=2, batch_size=4),
+        assignment={0: [4]},
+        image_shape=(112, 92),
+    )
+    content = RecordDict({keys.CONFIG_RECORD: ConfigRecord({keys.SPEC: spec.to_json()})})
+    reply = handle_train(content, {"user-id": 0, "data-dir": str(photos)})
+    rules = UploadRules.for_autoencoder(AutoencoderSpec(hidden=8), 128)
+    user, (reg,) = parse_upload(reply, {0: (4,)}, rules)
+    assert (user, reg.label, reg.num_examples) == (0, 4, 7)
