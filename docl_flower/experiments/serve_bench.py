@@ -8,7 +8,8 @@ temporary key, the benchmark
   same images with the same filter, in batches of the service's ``--max-batch`` (and of 1: the
   one-image latency), with no server running;
 - starts the real ``docl-flower filter serve`` command on 127.0.0.1 (a free port, a token file
-  of its own, ``--poll-s 0``), waits for ``/readyz``, and drives it with a bounded load
+  of its own, ``--poll-s 0``, ``--allow-unchecked``: the benchmark's autoencoders carry no
+  probe record), waits for ``/readyz``, and drives it with a bounded load
   generator (:class:`httpx.AsyncClient`): at each concurrency (1, 8, 64) a fixed number of
   single-image ``POST /v1/check`` requests (PNG bytes, the bearer token), stopped early by a
   time cap; it records images/s, p50 / p90 / p99 latency, failed requests, answers whose score
@@ -514,6 +515,8 @@ def running_server(
     argv = ["filter", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--token-file", str(token_file), "--max-batch", str(max_batch)]
     argv += ["--max-delay-ms", f"{max_delay_ms:g}", "--poll-s", "0"]
+    # The benchmark's autoencoders went through no run's probe check: they carry no record.
+    argv += ["--allow-unchecked"]
     # The service runs the code of this package (not another install of it).
     env = dict(os.environ)
     here = str(Path(deciding.__file__).resolve().parents[2])
@@ -944,6 +947,8 @@ def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
         "the load generator (httpx.AsyncClient, one process) runs on the same machine as the "
         "service and takes CPU from it",
         "the service runs with --poll-s 0: the reloads are the benchmark's POST /v1/reload",
+        "the service runs with --allow-unchecked: the benchmark's autoencoders went through no "
+        "run's probe check and carry no probe record",
     ]
     faces: dict[str, Any] = {"measured": False, "reason": "not asked (--faces)"}
     with _temporary_key() as tmp:
