@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint docs bench scale report recipes figures faces calibration compare privacy deploy-demo clean
+.PHONY: run test lint docs bench scale report recipes figures faces calibration compare privacy deploy-demo serve-bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,13 @@ deploy-demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_filter.py
+
+# The upload service under load: the real `docl-flower filter serve` on 127.0.0.1 at 1, 8 and 64
+# concurrent clients, filters of 10 and 1,000 autoencoders (and the ORL face filter), against
+# deciding.decide in process; reloads under load: serve/bench.md + bench.json. Batching sweep:
+# SERVE_BENCH_ARGS=--sweep.
+serve-bench: $(STAMP)
+	$(BIN)/python scripts/serve_bench.py --out serve $(SERVE_BENCH_ARGS)
 
 # 10, 100 and 1,000 simulated users (about 60 MNIST images each) through Flower and Ray, next
 # to a plain PyTorch loop; plus the default experiment both ways: scale/summary.md + JSON.
