@@ -174,7 +174,7 @@ def mnist_images(root: Path, count: int, seed: int) -> tuple[NDArray[np.uint8], 
 
     try:
         images, _ = IdxDataset("mnist", str(root / "mnist"), download=False).load("test")
-        return np.ascontiguousarray(images[:count]), f"MNIST test digits ({root / 'mnist'})"
+        return np.ascontiguousarray(images[:count]), f"MNIST test digits ({shown(root / 'mnist')})"
     except Exception as err:  # no data set here: the cost does not depend on the pixels
         rng = np.random.default_rng(seed)
         pixels = rng.integers(0, 256, size=(count, *MNIST_SHAPE), dtype=np.uint8)
@@ -266,7 +266,7 @@ def mnist_workload(
 def face_skip_reason(root: Path) -> str | None:
     """Why the face filter cannot be measured here (None: it can)."""
     if not (root / "att-faces").is_dir():
-        return f"no ORL data in {root / 'att-faces'}"
+        return f"no ORL data in {shown(root / 'att-faces')}"
     for module in ("dlib", "face_recognition_models"):
         if importlib.util.find_spec(module) is None:
             return f"the face extractor needs {module} (pip install -e '.[extractors]')"
@@ -405,6 +405,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the working directory (no absolute path in a result file)."""
+    return os.path.relpath(path)
 
 
 def serve_command() -> list[str]:
@@ -991,7 +996,7 @@ def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
         },
         "quick": settings.quick,
         "seconds": time.perf_counter() - started,
-        "server_command": [*serve_command(), "filter", "serve"],
+        "server_command": [*(shown(Path(p)) for p in serve_command()[:1]), "filter", "serve"],
         "filters": filters,
         "faces": faces,
         "sweep": sweeps,
