@@ -315,3 +315,61 @@ def test_the_reference_lists_every_option_and_key():
             assert f"### `{group}={option}`" in page
     assert "| `guard.max_alpha` | `2.0` | The loosest alpha" in page
     assert "| `train.dp.epsilon` | `null` | Total epsilon per autoencoder upload" in page
+
+
+# --------------------------------------------------------------- the deployment guide's commands
+#: The programs the guide's "Several machines" commands call, and how to ask each for its options.
+GUIDE_PROGRAMS = {
+    "flower-superlink": ["flower-superlink", "--help"],
+    "flower-supernode": ["flower-supernode", "--help"],
+    "flwr supernode register": ["flwr", "supernode", "register", "--help"],
+    "flwr run": ["flwr", "run", "--help"],
+    "python scripts/make_certs.py server": [
+        sys.executable,
+        "scripts/make_certs.py",
+        "server",
+        "-h",
+    ],
+    "python scripts/make_certs.py node-key": [
+        sys.executable,
+        "scripts/make_certs.py",
+        "node-key",
+        "-h",
+    ],
+    "docl-flower filter check": ["docl-flower", "filter", "check", "--help"],
+}
+
+
+def guide_commands() -> list[str]:
+    """The shell commands of the fenced blocks of "Several machines" (continuations joined)."""
+    text = (DOCS / "deployment.md").read_text()
+    section = text[text.index("**Several machines**") : text.index("**A new user joins**")]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                commands.append(line)
+    return commands
+
+
+def test_every_option_the_deployment_guide_passes_exists():
+    # A flag that the installed Flower (or our scripts) does not know fails this test, not a
+    # reader who pastes the command.
+    bindir = Path(sys.executable).parent
+    seen = set()
+    for command in guide_commands():
+        program = next((p for p in GUIDE_PROGRAMS if command.startswith(p + " ")), None)
+        if program is None:
+            continue
+        seen.add(program)
+        argv = GUIDE_PROGRAMS[program]
+        if not argv[0].startswith("/"):
+            argv = [str(bindir / argv[0]), *argv[1:]]
+        help_text = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT, check=False
+        ).stdout
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", command):
+            assert flag in help_text, f"{program} has no {flag}: {command}"
+    assert seen == set(GUIDE_PROGRAMS), sorted(set(GUIDE_PROGRAMS) - seen)
