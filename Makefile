@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint docs bench scale report recipes figures faces calibration compare privacy deploy-demo serve-bench clean
+.PHONY: run test lint docs bench scale report recipes figures faces calibration compare privacy deploy-demo serve-bench robustness clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ faces: $(STAMP)
 # MNIST, ORL faces and DP (epsilon 8), 5 seeds, targets 0.95/0.98/0.99: calibration/summary.md.
 calibration: $(STAMP)
 	$(BIN)/python scripts/calibration.py --out calibration $(CALIBRATION_ARGS)
+
+# Edited re-uploads (JPEG, resize, crops, rotations, flip, brightness, noise) of registered
+# users' photos: the share the calibrated Guard blocks, for face, ImageNet and pixel features.
+robustness: $(STAMP)
+	$(BIN)/python scripts/robustness.py --out robustness $(ROBUSTNESS_ARGS)
 
 # DOCL vs FedAvg / FedProx (one class per user and IID) vs centralised: table + plot.
 compare: $(STAMP)
