@@ -57,7 +57,7 @@ def _jpeg(quality: int) -> Edit:
 def _resize(factor: float) -> Edit:
     def edit(img: Image.Image) -> Image.Image:
         w, h = img.size
-        return img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+        return img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BILINEAR)
 
     return edit
 
@@ -75,7 +75,7 @@ def _crop(percent: float) -> Edit:
 
 def _rotate(degrees: float) -> Edit:
     def edit(img: Image.Image) -> Image.Image:
-        return img.rotate(degrees, resample=Image.BILINEAR, expand=False, fillcolor=0)
+        return img.rotate(degrees, resample=Image.Resampling.BILINEAR, expand=False, fillcolor=0)
 
     return edit
 
@@ -133,7 +133,7 @@ def edited(images: NDArray[np.uint8], edit: Edit, shape: tuple[int, ...]) -> NDA
     for pixels in images:
         img = edit(Image.fromarray(pixels).convert(mode))
         if img.size != (shape[1], shape[0]):
-            img = img.resize((shape[1], shape[0]), Image.BILINEAR)
+            img = img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
         out.append(np.asarray(img.convert(mode), dtype=np.uint8))
     return np.stack(out) if out else np.zeros((0, *shape), np.uint8)
 
