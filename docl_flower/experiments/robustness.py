@@ -56,8 +56,8 @@ def _jpeg(quality: int) -> Edit:
 
 def _resize(factor: float) -> Edit:
     def edit(img: Image.Image) -> Image.Image:
-        w, h = img.size
-        return img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BILINEAR)
+        size = (max(1, round(img.size[0] * factor)), max(1, round(img.size[1] * factor)))
+        return img.resize(size, Image.Resampling.BILINEAR)
 
     return edit
 
