@@ -237,8 +237,9 @@ def summary(found: dict[str, list[dict[str, Any]]], target: float) -> str:
         f"Share blocked when a third party uploads a registered user's photo after the edit "
         f"(mean over seeds); the Guard calibrated to acceptance {target:g} on half of the "
         "unregistered people. 'own': the user's training photos (what a hash list would "
-        "hold); 'new': their held-out photos. Last row: unedited photos of the people nobody "
-        "registered that are accepted (harmless).",
+        "hold); 'new': their held-out photos. Last row: the share accepted of the unedited "
+        "photos of the people nobody registered (harmless; all of them, so half of them are "
+        "the ones the Guard was calibrated on).",
         "",
     ]
     header = ["edit"] + [f"{n}: own / new" for n in names]
