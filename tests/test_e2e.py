@@ -225,7 +225,8 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
         for e in json.loads((shared / "filter.json").read_text())["entries"]
     }
     # The upload service serves the filter and a load generator checks digits of class 2 (the
-    # new user's) and 0, one request after another, while the next run registers user 2.
+    # new user's) and 0, one request after another (about 15 a second), while the next run
+    # registers user 2.
     images, labels = IdxDataset("mnist", str(tiny_root / "mnist"), verify=False).load("test")
     picked = np.concatenate([np.flatnonzero(labels == c)[:6] for c in (2, 0)])
     bodies = [_png(images[i]) for i in picked]
@@ -242,6 +243,7 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
                     response = client.post("/v1/check?uploader=-1", content=bodies[k])
                     answers.append((k, response.status_code, response.json()))
                     i += 1
+                    stop.wait(0.05)  # a steady load, not a busy one: the run trains beside it
 
         generator = threading.Thread(target=load)
         generator.start()
