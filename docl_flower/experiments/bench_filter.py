@@ -349,7 +349,7 @@ def measure(
 
 
 @contextmanager
-def _temporary_key() -> Iterator[Path]:
+def temporary_key() -> Iterator[Path]:
     """A temporary folder whose filter key the store uses (the user's key stays untouched)."""
     folder = Path(tempfile.mkdtemp(prefix="docl-bench-store-"))
     old = os.environ.get("DOCL_FLOWER_FILTER_KEY")
@@ -373,7 +373,7 @@ def measure_load(regs: list[Registration], scoring: ScoringConfig) -> dict[str, 
 
     n, dim = len(regs), regs[0].params["encoder.weight"].shape[1]
     info = {"config": {"bench": "bench_filter.py"}}
-    with _temporary_key() as tmp:
+    with temporary_key() as tmp:
         folder = tmp / "filter"
         start = time.perf_counter()
         save_filter(folder, regs, {k: {"node_id": k} for k in range(n)}, info=info)
@@ -643,7 +643,8 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.2f}" if s < 1 else f"{s * 1e3:.0f}"
 
 
-def _yes(flag: bool) -> str:
+def yes(flag: bool) -> str:
+    """A table cell for a flag."""
     return "yes" if flag else "no"
 
 
@@ -663,8 +664,8 @@ def header(payload: dict[str, Any], gemm_size: int) -> list[str]:
         f"machine: {info['cpu']}, {info['cores']} cores, {_mb(info['memory_bytes'])} MiB, "
         f"{info['torch_threads']} torch threads, GPU: {info['gpu'] or 'none'}",
         "CPU flags: "
-        + ", ".join(f"{f} {_yes(v)}" for f, v in info["flags"].items())
-        + f"; bf16 kernel on instructions: {_yes(info['bf16_kernel_on_instructions'])}",
+        + ", ".join(f"{f} {yes(v)}" for f, v in info["flags"].items())
+        + f"; bf16 kernel on instructions: {yes(info['bf16_kernel_on_instructions'])}",
         f"load average (1/5/15 min) at start {start[0]:.1f}/{start[1]:.1f}/{start[2]:.1f}, "
         f"at end {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f}",
         f"float32 GEMM ({gemm_size}^3, torch.mm): {payload['gemm_gflops']:.1f} GFLOP/s (best of "

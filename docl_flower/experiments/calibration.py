@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,9 @@ from docl_flower.core.filter.global_filter import GlobalFilter
 from docl_flower.core.filter.store import load_filter
 from docl_flower.core.pipeline.inputs import server_sets
 from docl_flower.federation.components import load_experiment
-from docl_flower.operations.runs import launch
 
-from .tables import fmt, markdown_table, write_json
+from .launch import Runner, runs_per_seed
+from .tables import fmt, markdown_table
 
 #: The settings of the issue: Hydra overrides of each one's runs.
 SETTINGS: dict[str, tuple[str, ...]] = {
@@ -110,26 +110,20 @@ def measure_run(folder: Path, targets: Sequence[float], seed: int) -> list[dict[
     return rows
 
 
-Runner = Callable[[Sequence[str], Path], object]
-
-
 def run_calibration(
     settings: CalibrationSettings, runner: Runner | None = None
 ) -> dict[str, list[dict[str, Any]]]:
     """Train (or reuse) every run, measure it, write ``calibration.json`` and ``summary.md``."""
-
-    def default_runner(overrides: Sequence[str], folder: Path) -> object:
-        return launch(overrides, folder, reuse=settings.reuse, needs=("filter",))
-
-    run = runner or default_runner
-    found: dict[str, list[dict[str, Any]]] = {}
-    for name in settings.settings:
-        found[name] = []
-        for seed in settings.seeds:
-            folder = settings.out / "runs" / f"{name}-seed-{seed}"
-            run([*SETTINGS[name], f"seed={seed}", *settings.extra], folder)
-            found[name] += measure_run(folder, settings.targets, seed)
-            write_json(settings.out / "calibration.json", found)
+    found = runs_per_seed(
+        settings.out,
+        settings.settings,
+        settings.seeds,
+        lambda name, seed: [*SETTINGS[name], f"seed={seed}", *settings.extra],
+        lambda folder, seed: measure_run(folder, settings.targets, seed),
+        "calibration.json",
+        runner,
+        settings.reuse,
+    )
     (settings.out / "summary.md").write_text(summary(found))
     return found
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from docl_flower.core.evaluation.results import RESULTS_FILE, read_results, write_results
+from docl_flower.operations.runs import launch
+
+from .tables import write_json
 
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -34,6 +38,43 @@ def load_average(digits: int | None = None) -> list[float]:
     """The 1, 5 and 15 minute load averages (rounded to ``digits`` when given)."""
     values = list(os.getloadavg())
     return values if digits is None else [round(v, digits) for v in values]
+
+
+# ------------------------------------------------------------------ runs per setting and seed
+#: Runs ``docl-flower OVERRIDES`` into a folder (:func:`~docl_flower.operations.runs.launch`, or
+#: a test's in-process stand-in).
+Runner = Callable[[Sequence[str], Path], object]
+
+
+def runs_per_seed(
+    out: Path,
+    names: Sequence[str],
+    seeds: Sequence[int],
+    overrides: Callable[[str, int], Sequence[str]],
+    measure: Callable[[Path, int], list[dict[str, Any]]],
+    results: str,
+    runner: Runner | None = None,
+    reuse: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """Train (or reuse) one run per setting and seed in ``OUT/runs/NAME-seed-SEED``, measure it.
+
+    ``measure(folder, seed)`` gives the run's rows; all rows so far are written to
+    ``OUT/RESULTS`` after each run (a long experiment that stops keeps what it measured).
+    """
+
+    def default_runner(args: Sequence[str], folder: Path) -> object:
+        return launch(args, folder, reuse=reuse, needs=("filter",))
+
+    run = runner or default_runner
+    found: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        found[name] = []
+        for seed in seeds:
+            folder = out / "runs" / f"{name}-seed-{seed}"
+            run(list(overrides(name, seed)), folder)
+            found[name] += measure(folder, seed)
+            write_json(out / results, found)
+    return found
 
 
 # ------------------------------------------------------------------ the deployment demo

@@ -28,9 +28,9 @@ from PIL import Image, ImageEnhance
 
 from docl_flower.federation.components import load_experiment
 from docl_flower.operations import deciding
-from docl_flower.operations.runs import launch
 
-from .tables import fmt, markdown_table, write_json
+from .launch import Runner, runs_per_seed
+from .tables import fmt, markdown_table
 
 #: The settings: Hydra overrides of each one's run (faces, 10 of the 40 people per seed).
 SETTINGS: dict[str, tuple[str, ...]] = {
@@ -202,28 +202,25 @@ class RobustnessSettings:
             raise ValueError(f"target must lie in (0, 1), got {self.target}")
 
 
-Runner = Callable[[Sequence[str], Path], object]
-
-
 def run_robustness(
     settings: RobustnessSettings, runner: Runner | None = None
 ) -> dict[str, list[dict[str, Any]]]:
     """Train (or reuse) every run, measure it, write ``robustness.json`` and ``summary.md``."""
-
-    def default_runner(overrides: Sequence[str], folder: Path) -> object:
-        return launch(overrides, folder, reuse=settings.reuse, needs=("filter",))
-
-    run = runner or default_runner
-    found: dict[str, list[dict[str, Any]]] = {}
-    for name in settings.settings:
-        found[name] = []
-        for seed in settings.seeds:
-            folder = settings.out / "runs" / f"{name}-seed-{seed}"
-            overrides = [*SETTINGS[name], f"seed={seed}"]
-            overrides += [f"guard.target_acceptance={settings.target}", *settings.extra]
-            run(overrides, folder)
-            found[name].append({"seed": seed, **measure_run(folder)})
-            write_json(settings.out / "robustness.json", found)
+    found = runs_per_seed(
+        settings.out,
+        settings.settings,
+        settings.seeds,
+        lambda name, seed: [
+            *SETTINGS[name],
+            f"seed={seed}",
+            f"guard.target_acceptance={settings.target}",
+            *settings.extra,
+        ],
+        lambda folder, seed: [{"seed": seed, **measure_run(folder)}],
+        "robustness.json",
+        runner,
+        settings.reuse,
+    )
     (settings.out / "summary.md").write_text(summary(found, settings.target))
     return found
 

@@ -41,10 +41,8 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -64,10 +62,16 @@ from docl_flower.core.filter.global_filter import GlobalFilter, Registration
 from docl_flower.core.pipeline.components import build
 from docl_flower.core.pipeline.config import PROJECT_ROOT
 from docl_flower.experiments.bench_filter import machine as filter_machine
-from docl_flower.experiments.bench_filter import make_registrations, percentile
+from docl_flower.experiments.bench_filter import (
+    make_registrations,
+    percentile,
+    temporary_key,
+    yes,
+)
 from docl_flower.experiments.launch import load_average
 from docl_flower.experiments.tables import markdown_table, write_json
 from docl_flower.operations import deciding, serve
+from docl_flower.operations.processes import free_port
 
 #: MNIST-shaped autoencoders: feature dimension D and the paper's hidden size M.
 MNIST_SHAPE, MNIST_DIM = (28, 28), 784
@@ -400,13 +404,6 @@ def in_process(
 
 
 # ------------------------------------------------------------------------------- the server
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def shown(path: Path) -> str:
     """``path`` relative to the working directory (no absolute path in a result file)."""
     return os.path.relpath(path)
@@ -786,22 +783,6 @@ def registrar(work: Workload, seed: int) -> Callable[[int], int]:
 
 
 # ------------------------------------------------------------------------------- the run
-@contextlib.contextmanager
-def _temporary_key() -> Iterator[Path]:
-    """A temporary folder: its filter key signs and verifies the benchmark's filters."""
-    folder = Path(tempfile.mkdtemp(prefix="docl-serve-bench-"))
-    old = os.environ.get("DOCL_FLOWER_FILTER_KEY")
-    os.environ["DOCL_FLOWER_FILTER_KEY"] = str(folder / "filter.key")
-    try:
-        yield folder
-    finally:
-        if old is None:
-            os.environ.pop("DOCL_FLOWER_FILTER_KEY", None)
-        else:
-            os.environ["DOCL_FLOWER_FILTER_KEY"] = old
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _measure(
     work: Workload,
     tmp: Path,
@@ -956,7 +937,7 @@ def run_serve_bench(settings: ServeBenchSettings) -> dict[str, Any]:
         "run's probe check and carry no probe record",
     ]
     faces: dict[str, Any] = {"measured": False, "reason": "not asked (--faces)"}
-    with _temporary_key() as tmp:
+    with temporary_key() as tmp:
         token_file = tmp / "serve.token"
         token_file.write_text(secrets.token_urlsafe(32) + "\n")
         token_file.chmod(0o600)
@@ -1022,15 +1003,11 @@ def _f(x: float | None, spec: str = ".1f") -> str:
     return format(x, spec)
 
 
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
 def header(payload: dict[str, Any]) -> list[str]:
     """The lines about the machine and the settings."""
     info, s = payload["machine"], payload["settings"]
     start, end = info["load_average_start"], info["load_average_end"]
-    flags = ", ".join(f"{f} {_yes(v)}" for f, v in info["flags"].items())
+    flags = ", ".join(f"{f} {yes(v)}" for f, v in info["flags"].items())
     lines = [
         f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
         f"GPU: {info['gpu'] or 'none'}",
@@ -1184,7 +1161,7 @@ def sweep_table(sweeps: Sequence[dict[str, Any]]) -> str:
 
 def targets_table(rows: Sequence[dict[str, Any]]) -> str:
     """The issue's targets."""
-    cells = [[t["target"], _f(t["value"], ".2f"), _yes(t["holds"])] for t in rows]
+    cells = [[t["target"], _f(t["value"], ".2f"), yes(t["holds"])] for t in rows]
     return markdown_table(["target", "measured", "holds"], cells)
 
 
