@@ -224,6 +224,7 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
         e["user_id"]: e["sha256"]
         for e in json.loads((shared / "filter.json").read_text())["entries"]
     }
+    old_version = json.loads((shared / "filter.json").read_text())["integrity"]["sha256"]
     # The upload service serves the filter and a load generator checks digits of class 2 (the
     # new user's) and 0, one request after another (about 15 a second), while the next run
     # registers user 2.
@@ -289,16 +290,19 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
     assert cal["test_images"] == results["num_harmless_images"] and cal["images"] >= 10
     assert cal["blocked_bound"] <= 0.1 and cal["calibration_blocked"] <= 0.1
     assert results["acceptance_rate"] >= 0.9 - cal["slack"]
-    # The service: no request failed while the filter changed under it; each answer came from
-    # the old filter or the new one, bit for bit as `filter check` decides with that filter; the
-    # swap happened once, and the new user's digits now name user 2.
+    # The service: no request failed while the filter changed under it. The run saves the
+    # filter twice (user 2 registered, then the Guard calibrated again), so answers come from
+    # the old filter, perhaps the one in between, then the new one: in that order, never back,
+    # one reload per version answered or more.
     assert answers and all(status == 200 for _, status, _ in answers), answers[-3:]
     new_version = json.loads((shared / "filter.json").read_text())["integrity"]["sha256"]
     versions = [body["filter_version"] for _, _, body in answers]
+    order = list(dict.fromkeys(versions))  # each version once, in the order it first answered
+    assert order[0] == old_version and order[-1] == new_version and len(order) <= 3, order
+    assert versions == sorted(versions, key=order.index)
     swap = versions.index(new_version)
-    assert swap > 0 and set(versions[swap:]) == {new_version}
-    assert len(set(versions[:swap])) == 1
-    assert re.search(r'^docl_serve_reloads_total\{result="ok"\} 1\.0$', reloads, re.M), reloads
+    reloaded = re.search(r'^docl_serve_reloads_total\{result="ok"\} (\d+)\.0$', reloads, re.M)
+    assert reloaded is not None and len(order) - 1 <= int(reloaded.group(1)) <= 2, reloads
     decided = deciding.decide(deciding.load(shared), images[picked], -1)
     for k, _, body in answers[swap:]:
         d = decided[k]
@@ -307,7 +311,11 @@ def test_a_new_user_joins_an_existing_filter_without_anyone_retraining(tiny_root
             d.owner,
             d.score,
         )
-    owners_before = {body["predicted_owner"] for k, _, body in answers[:swap] if k < 6}
+    owners_before = {
+        body["predicted_owner"]
+        for k, _, body in answers
+        if k < 6 and body["filter_version"] == old_version
+    }
     owners_after = {body["predicted_owner"] for k, _, body in answers[swap:] if k < 6}
     assert 2 not in owners_before and 2 in owners_after
 
